@@ -9,6 +9,17 @@ DATA = Path(os.environ.get("PRIVTUNE_DATA_DIR", ROOT.parent / "shared" / "data")
 
 
 @pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """Random-init tiny BERT and Llama folders (byte tokenizer, offline): ``root/bert``, ``root/llama``."""
+    from privtune import models
+
+    root = tmp_path_factory.mktemp("models")
+    for arch in ("bert", "llama"):
+        models.prepare_model(f"tiny-{arch}", {"source": "tiny", "arch": arch}, root / arch, root / "wheels")
+    return root
+
+
+@pytest.fixture(scope="session")
 def data_dir():
     if not (DATA / "glue").exists():
         pytest.skip(f"no data mirror at {DATA} (set PRIVTUNE_DATA_DIR)")

@@ -20,6 +20,7 @@ from privtune.data.download import DataFileError, ensure_file
 from privtune.data.readers import (
     CLASSIFICATION_TASKS,
     TABLE2TEXT_TASKS,
+    OFFICIAL_RECORDS,
     MalformedDataError,
     linearize_e2e_mr,
     read_split,
@@ -291,6 +292,18 @@ def test_malformed_e2e_and_dart(tmp_path: Path) -> None:
         read_split("dart", "dev", tmp_path)
 
 
+def test_file_cut_at_a_line_boundary_is_truncated(tmp_path: Path, data_dir: Path) -> None:
+    """A file that parses cleanly but is shorter than the official one is refused, naming the way out."""
+    lines = (data_dir / "glue/SST-2/dev.tsv").read_text(encoding="utf-8").splitlines(keepends=True)
+    _write(tmp_path, "glue/SST-2/dev.tsv", "".join(lines[:500]))
+    with pytest.raises(DataFileError) as info:
+        read_split("sst2", "dev", tmp_path)
+    msg = str(info.value)
+    assert "dev.tsv" in msg and "499 records" in msg and "872" in msg and "datasets.sst2.verify_size" in msg
+    assert len(read_split("sst2", "dev", tmp_path, verify_size=False)) == 499
+    assert set(OFFICIAL_RECORDS) <= {Path(p).as_posix() for p in download.OFFICIAL_SOURCES}  # known files only
+
+
 def test_empty_file_is_truncated(tmp_path: Path) -> None:
     _write(tmp_path, "glue/CoLA/raw/in_domain_dev.tsv", "\n")
     with pytest.raises(DataFileError, match="no records"):
@@ -346,6 +359,6 @@ def test_download_zip_member_atomically(tmp_path: Path, monkeypatch: pytest.Monk
         relpath = f"glue/SST-2/{split}.tsv"
         monkeypatch.setitem(download.OFFICIAL_SOURCES, relpath, f"{archive.as_uri()}#SST-2/{split}.tsv")
     assert ensure_file("glue/SST-2/dev.tsv", data_dir) == data_dir / "glue" / "SST-2" / "dev.tsv"
-    assert read_split("sst2", "dev", data_dir) == [{"text_a": "great", "text_b": None, "label": 1}]
+    assert read_split("sst2", "dev", data_dir, verify_size=False) == [{"text_a": "great", "text_b": None, "label": 1}]
     assert (data_dir / "glue" / "SST-2" / "train.tsv").is_file()  # sibling member extracted from the same zip
     assert sorted(p.name for p in (data_dir / "glue" / "SST-2").iterdir()) == ["dev.tsv", "train.tsv"]

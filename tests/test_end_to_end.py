@@ -79,3 +79,30 @@ def test_reported_epsilon_is_never_below_an_independent_accountant(tiny_run):
         for acc in (rdp.RdpAccountant(), pld.PLDAccountant()):
             independent = acc.compose(event).get_epsilon(rep["delta"])
             assert rep["epsilon"] >= independent * (1 - 1e-9), (rep, type(acc).__name__, independent)
+
+
+def test_privacy_audit_covers_every_dp_run(tiny_run):
+    work, _ = tiny_run
+    audit = json.loads((work / "results/privacy_audit.json").read_text())
+    private = [r for r in audit.values() if r["private"]]
+    assert len(private) == 3 and all(r["ok"] for r in audit.values())
+    assert all(r["reported"] >= max(r["independent"].values()) for r in private)
+
+
+@pytest.mark.parametrize("mutate,key", [
+    (lambda c: c["experiments"][0]["train"].update(delta=1.5), "delta"),
+    (lambda c: c["experiments"][2]["child"].update(p_f=0), "p_f"),
+    (lambda c: c["experiments"][0].update(models=["roberta-huge"]), "roberta-huge"),
+    (lambda c: c["datasets"]["sst2"].update(train_size="all"), "train_size"),
+])
+def test_bad_config_fails_before_any_job_and_leaves_results_intact(tiny_run, mutate, key):
+    work, env = tiny_run
+    snapshot = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in (work / "results").rglob("*") if p.is_file()}
+    cfg = yaml.safe_load(open(work / "config/tiny.yaml"))
+    mutate(cfg)
+    (work / "bad.yaml").write_text(yaml.safe_dump(cfg))
+    out = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2", "--configfile", "bad.yaml"],
+                         cwd=work, capture_output=True, text=True, env=env)
+    assert out.returncode != 0 and key in out.stdout + out.stderr
+    assert {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in (work / "results").rglob("*") if p.is_file()} \
+        == snapshot

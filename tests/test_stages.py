@@ -19,14 +19,6 @@ E2E = [{"source": "name : Aromi | food : Thai", "references": ["Aromi serves Tha
        {"source": "name : Blue Spice | area : riverside", "references": ["Blue Spice is by the river."]}] * 4
 
 
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    for arch in ("bert", "llama"):
-        models.prepare_model(f"tiny-{arch}", {"source": "tiny", "arch": arch}, root / arch, root / "wheels")
-    return root
-
-
 def test_subsample_is_deterministic_and_ordered():
     recs = [{"i": i} for i in range(100)]
     a, b = subsample(recs, 10, 3), subsample(recs, 10, 3)

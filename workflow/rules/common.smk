@@ -26,7 +26,7 @@ def metrics_files(paper):
 
 
 def report_targets():
-    out = []
+    out = ["results/privacy_audit.json"]
     for paper in PAPERS:
         out += [f"results/tables/{paper}.md", f"results/tables/{paper}.csv"]
         out += [f"results/figures/{paper}_{fig}.png" for fig in PAPER_FIGURES[paper]]

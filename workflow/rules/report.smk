@@ -31,3 +31,21 @@ rule figure:
         "../../envs/privtune.yaml"
     script:
         "../scripts/figure.py"
+
+
+# Re-derive every DP run's ε from what its privacy.json records, with an accountant library
+# other than the calibration's; fails (and writes nothing) if any report is lower.
+rule privacy_audit:
+    input:
+        [r.path("privacy.json") for r in RUNS],
+    output:
+        "results/privacy_audit.json",
+    log:
+        "logs/privacy_audit.log",
+    benchmark:
+        "benchmarks/privacy_audit.tsv"
+    threads: 1
+    conda:
+        "../../envs/privtune.yaml"
+    script:
+        "../scripts/privacy_audit.py"

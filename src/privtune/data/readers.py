@@ -63,6 +63,7 @@ __all__ = [
     "DataFileError",
     "MalformedDataError",
     "K_SHOT",
+    "OFFICIAL_RECORDS",
     "linearize_dart_triples",
     "linearize_e2e_mr",
     "read_split",
@@ -163,6 +164,22 @@ _K_SHOT_FILES: dict[str, dict[str, str]] = {
 }
 _K_SHOT_DEFAULT_FILES = {"train": "train.tsv", "dev": "dev.tsv", "test": "test.tsv"}
 
+# Records (reader units: rows, E2E meaning representations, DART entries) of each official
+# file: counted here on the offline mirror, or (QNLI/MNLI/QQP train and dev) GLUE's published
+# sizes. A mismatch means a truncated or different file.
+OFFICIAL_RECORDS: dict[str, int] = {
+    "glue/SST-2/train.tsv": 67_349, "glue/SST-2/dev.tsv": 872, "glue/SST-2/test.tsv": 1_821,
+    "glue/CoLA/raw/in_domain_train.tsv": 8_551, "glue/CoLA/raw/in_domain_dev.tsv": 527,
+    "glue/RTE/train.tsv": 2_490, "glue/RTE/dev.tsv": 277, "glue/RTE/test.tsv": 3_000,
+    "glue/STS-B/train.tsv": 5_749, "glue/STS-B/dev.tsv": 1_500, "glue/STS-B/test.tsv": 1_379,
+    "glue/MRPC/train.tsv": 3_668, "glue/MRPC/dev.tsv": 408, "glue/MRPC/raw/msr_paraphrase_test.txt": 1_725,
+    "glue/QNLI/train.tsv": 104_743, "glue/QNLI/dev.tsv": 5_463,
+    "glue/MNLI/train.tsv": 392_702, "glue/MNLI/dev_matched.tsv": 9_815, "glue/MNLI/dev_mismatched.tsv": 9_832,
+    "glue/QQP/train.tsv": 363_846, "glue/QQP/dev.tsv": 40_430,
+    "e2e/devset.csv": 547, "e2e/testset_w_refs.csv": 630,
+    "dart/dart-v1.1.1-full-dev.json": 2_768, "dart/dart-v1.1.1-full-test.xml": 5_097,
+}
+
 _E2E_FILES = {"train": "e2e/trainset.csv", "dev": "e2e/devset.csv", "test": "e2e/testset_w_refs.csv"}
 _DART_FILES = {
     "train": "dart/dart-v1.1.1-full-train.json",
@@ -188,13 +205,15 @@ def _classification_relpath(task: str, split: str, k_shot_seed: int | None) -> s
 
 
 def read_split(
-    task: str, split: str, data_dir: str | Path, k_shot_seed: int | None = None
+    task: str, split: str, data_dir: str | Path, k_shot_seed: int | None = None, verify_size: bool = True
 ) -> list[dict[str, Any]]:
     """Read one split of ``task`` from ``data_dir`` (see the module docstring for layouts).
 
     ``split`` is "train", "dev" or "test" ("dev_mismatched" for full MNLI; with
     ``k_shot_seed``, MNLI has "test_mismatched"). With ``k_shot_seed`` (e.g. 42) the
     LM-BFF 16-shot split of that seed is read instead of the full GLUE split.
+    With ``verify_size``, an official file whose record count differs from
+    :data:`OFFICIAL_RECORDS` (truncated, or another version) is an error.
     """
     task = _normalise_task(task)
     data_dir = Path(data_dir)
@@ -202,17 +221,27 @@ def read_split(
         if k_shot_seed is not None:
             raise ValueError(f"k_shot_seed is only defined for classification tasks, not {task!r}")
         files, parse = (_E2E_FILES, _read_e2e_csv) if task == "e2e" else (_DART_FILES, _read_dart)
-        return _load(_pick(files, task, split, "full data"), data_dir, parse)
+        return _load(_pick(files, task, split, "full data"), data_dir, parse, verify_size and task)
     relpath = _classification_relpath(task, split, k_shot_seed)
-    return _load(relpath, data_dir, lambda path: _read_glue_tsv(path, task, unlabelled_ok=split.startswith("test")))
+    return _load(relpath, data_dir, lambda path: _read_glue_tsv(path, task, unlabelled_ok=split.startswith("test")),
+                 verify_size and task)
 
 
-def _load(relpath: str, data_dir: Path, parse: Callable[[Path], list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Ensure ``relpath`` exists, parse it, and treat a file without records as truncated."""
+def _load(relpath: str, data_dir: Path, parse: Callable[[Path], list[dict[str, Any]]],
+          verify_task: str | bool = False) -> list[dict[str, Any]]:
+    """Ensure ``relpath`` exists, parse it, and treat a file without records, or (when
+    ``verify_task`` names the task) with another count than the official file, as truncated."""
     path = ensure_file(relpath, data_dir)
     records = parse(path)
     if not records:
         raise data_file_error(relpath, data_dir, "contains no records (empty or truncated)")
+    expected = OFFICIAL_RECORDS.get(relpath)
+    if verify_task and expected is not None and len(records) != expected:
+        raise data_file_error(
+            relpath, data_dir,
+            f"holds {len(records):,} records where the official file holds {expected:,}: it is truncated or "
+            f"not the official version. Delete it so that it is fetched again, or, for a file you changed on "
+            f"purpose, set datasets.{verify_task}.verify_size: false in the config")
     return records
 
 

@@ -9,6 +9,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from ..io import save_figure  # noqa: E402
+
 MAIN_METRIC = {"sst2": "accuracy", "qnli": "accuracy", "mnli": "accuracy", "qqp": "accuracy", "rte": "accuracy",
                "mrpc": "accuracy", "cola": "mcc", "stsb": "pearson", "e2e": "bleu", "dart": "bleu"}
 
@@ -43,7 +45,7 @@ def metric_vs_epsilon(table_csv, out_png) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=120)
+    save_figure(fig, out_png, dpi=120)
     plt.close(fig)
 
 
@@ -65,7 +67,7 @@ def child_tuning_bars(table_csv, out_png) -> None:
         ax.axhline(0, color="k", lw=0.5)
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=120)
+    save_figure(fig, out_png, dpi=120)
     plt.close(fig)
 
 

@@ -1,0 +1,103 @@
+"""Training checkpoints: a killed run resumes where it stopped and ends exactly as an
+uninterrupted run with the same seed would.
+
+A checkpoint is one file, ``{run_dir}/checkpoint/state.pt``, written atomically, that
+holds everything the rest of the run depends on: model and optimizer state, the
+learning-rate schedule, every random number generator (dropout, Poisson sampling
+is a pure function of (seed, step), the noise generator), the next step, the
+training log so far and the run's noise multiplier. A small ``state.json`` beside it
+(step, pid, fingerprint) lets a person or a test see progress without loading it.
+
+The checkpoint folder is not a Snakemake output, so it survives a failed job; the
+run deletes it once its outputs are written. A checkpoint is only resumed when its
+*fingerprint* matches the run: a hash of the run's settings and of its inputs
+(training file, model weights, Child-Tuning mask). Anything else — another config,
+a re-prepared model, an unreadable file — starts the run from scratch, with a
+message saying why: resuming is an optimisation, never a source of a wrong result.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .io import read_json, torch_save, write_json
+
+STATE, INFO = "state.pt", "state.json"
+_UNHASHED_SETTINGS = ("threads", "checkpoint_every", "checkpoint_minutes")  # don't change the result
+
+
+def _file_digest(path: Path, h) -> None:
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+
+
+def fingerprint(settings: dict, train_file: Path, model_dir: Path, mask_file: Path | None) -> str:
+    """Hash of what determines a run's result: settings and input files.
+
+    Model weights are identified by their provenance record and each weight file's
+    size and modification time (hashing gigabytes at every start would be slow), so
+    a re-prepared model never resumes an old checkpoint.
+    """
+    h = hashlib.sha256()
+    h.update(json.dumps({k: v for k, v in settings.items() if k not in _UNHASHED_SETTINGS},
+                        sort_keys=True, default=str).encode())
+    _file_digest(Path(train_file), h)
+    if mask_file is not None:
+        _file_digest(Path(mask_file), h)
+    for f in sorted(Path(model_dir).iterdir()):
+        if f.is_file():
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def rng_state(generator: torch.Generator) -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "generator": generator.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict, generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    generator.set_state(state["generator"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(folder: Path, state: dict, fp: str) -> None:
+    """Write ``state`` (with ``state["step"]`` the next step to run) atomically."""
+    folder = Path(folder)
+    torch_save({**state, "fingerprint": fp}, folder / STATE)
+    write_json(folder / INFO, {"step": state["step"], "pid": os.getpid(), "fingerprint": fp})
+
+
+def load(folder: Path, fp: str, log=print) -> dict | None:
+    """The checkpoint in ``folder`` if it belongs to this run, else ``None`` (saying why)."""
+    path = Path(folder) / STATE
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint means: start again
+        log(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); starting this run from step 0")
+        return None
+    if state.get("fingerprint") != fp:
+        log(f"checkpoint {path} belongs to other settings or inputs; starting this run from step 0")
+        return None
+    return state
+
+
+def info(folder: Path) -> dict | None:
+    path = Path(folder) / INFO
+    return read_json(path) if path.exists() else None
+
+
+def clear(folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)

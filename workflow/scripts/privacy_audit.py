@@ -1,0 +1,7 @@
+from privtune.io import log_to
+
+log_to(snakemake)  # noqa: F821
+from privtune.dp.audit import main  # noqa: E402
+
+if main([*snakemake.input, "--out", snakemake.output[0]]):  # noqa: F821
+    raise SystemExit("the privacy audit failed: see the FAILED lines above")
