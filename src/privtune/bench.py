@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from .io import save_figure, write_json
+
 METHODS = ("nonprivate", "ours_bk", "ours_ghost", "opacus_hooks", "opacus_ghost", "opacus_ghost_untied")
 CPU_SHAPES = {"gpt2-2layer": dict(n_embd=768, n_layer=2, n_head=12), "gpt2": dict(n_embd=768, n_layer=12, n_head=12)}
 GPU_SHAPES = {"gpt2": dict(n_embd=768, n_layer=12, n_head=12), "gpt2-medium": dict(n_embd=1024, n_layer=24, n_head=16),
@@ -218,7 +220,7 @@ def figure(records: list[dict], out_png: Path) -> None:
     axes[1].legend(fontsize=7)
     fig.suptitle(f"DP clipping cost, {records[0]['device']}, batch {records[0]['batch']}, length {records[0]['seq']}")
     fig.tight_layout()
-    fig.savefig(out_png, dpi=120)
+    save_figure(fig, out_png, dpi=120)
     plt.close(fig)
 
 
@@ -257,8 +259,7 @@ def main(argv=None) -> None:
                     if r["shape"] == shape and r["method"] == method:
                         r["largest_batch"] = fit
     out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": a.device, "batch": batch, "seq": a.seq, "records": records}, indent=2))
+    write_json(out, {"device": a.device, "batch": batch, "seq": a.seq, "records": records})
     figure(records, out.with_suffix(".png"))
     print("\nratios to non-private (time, memory):")
     for r in records:
