@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from privtune.child import ct_f_mask_, fixed_mask_, is_encoder_layer
+from privtune.child import ct_f_mask_, fixed_mask_, is_encoder_layer, restore_masked_, snapshot
 from privtune.dp.optimizer import privatize_
 from privtune.dp.sampling import logical_batches
 from privtune.fisher import mask_density, top_fraction_mask
@@ -76,6 +76,32 @@ def test_ct_d_masked_coordinates_do_not_move_without_weight_decay():
         opt.zero_grad()
     moved = (lin.weight.detach() != before)
     assert not moved[~mask["weight"]].any() and moved[mask["weight"]].all()
+
+
+@pytest.mark.parametrize("method", ["ct_f", "ct_d"])
+def test_strict_child_tuning_freezes_masked_coordinates_that_weight_decay_and_momentum_move(method):
+    """The official code's trap (decay and Adam momentum move masked coordinates), and the strict fix."""
+    def train(strict):
+        torch.manual_seed(0)
+        lin = nn.Linear(6, 6)
+        opt = torch.optim.AdamW(lin.parameters(), lr=0.1, weight_decay=0.1)
+        gen = torch.Generator().manual_seed(1)
+        fixed = {"weight": torch.rand(6, 6, generator=gen) > 0.5, "bias": torch.ones(6, dtype=torch.bool)}
+        moved_while_masked = torch.zeros(6, 6, dtype=torch.bool)
+        for _ in range(4):
+            lin(torch.randn(8, 6, generator=gen)).pow(2).sum().backward()
+            kept = ct_f_mask_(list(lin.parameters()), 0.5, gen) if method == "ct_f" else fixed_mask_(lin, fixed)
+            before = lin.weight.detach().clone()
+            saved = snapshot(kept) if strict else []
+            opt.step()
+            restore_masked_(saved)
+            keep = dict((id(p), k) for p, k in kept)[id(lin.weight)]
+            moved_while_masked |= (lin.weight.detach() != before) & ~keep
+            opt.zero_grad()
+        return moved_while_masked
+
+    assert train(strict=False).any()      # faithful to the official code: masked coordinates still move
+    assert not train(strict=True).any()   # strict: they do not
 
 
 @pytest.mark.parametrize("name,expected", [("bert.encoder.layer.3.attention.self.query.weight", True),

@@ -84,3 +84,31 @@ def test_invalid_config_fails_before_any_job(tmp_path):
     msg = out.stdout + out.stderr
     assert "['epsilons'][0]" in msg and "exclusiveMinimum" in msg
     assert not (Path(work) / "results").exists()
+
+
+@pytest.mark.parametrize("child,match", [
+    ({"fisher_source": "dp"}, "fisher_epsilon"),
+    ({"fisher_source": "dp", "fisher_epsilon": 8.0}, "no budget for training"),
+    ({"fisher_source": "public"}, "public_data"),
+    ({"fisher_source": "public", "public_data": {"task": "rte", "split": "dev"}}, "'rte' has no entry under datasets"),
+])
+def test_child_tuning_mask_sources_are_checked_before_any_job(child, match):
+    cfg = load("config.yaml")
+    cfg["experiments"].append({**cfg["experiments"][2], "name": "dp-ct", "epsilons": [8], "child": child})
+    with pytest.raises(ValueError, match=match):
+        expand_runs(cfg)
+
+
+def test_mask_sources_have_their_own_rules_and_paths(tmp_path):
+    work = copy_workflow(tmp_path)
+    cfg = yaml.safe_load(open(work / "config.yaml"))
+    cfg["experiments"][2]["child"] = {"p_d": 0.3, "fisher_source": "public",
+                                      "public_data": {"task": "sst2", "split": "dev", "size": 200}}
+    (work / "pub.yaml").write_text(yaml.safe_dump(cfg))
+    out = subprocess.run([*SNAKEMAKE, "-n", "-p", "--configfile", "pub.yaml"], cwd=work, capture_output=True,
+                         text=True, env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "results/data/sst2/public~dev.jsonl" in out.stdout
+    assert "results/fisher/cola/minilm/public-sst2-dev/pd~0.3/seed~0/mask.pt" in out.stdout
+    runs = [r for r in expand_runs(load("config.yaml")) if r.method == "ct_d"]
+    assert runs[0].mask_path(load("config.yaml")).startswith("results/fisher/cola/minilm/train/")

@@ -175,3 +175,51 @@ def test_evaluate_and_tables(tmp_path, tiny_models):
     df = write_tables([tmp_path / "run/metrics.json"], "li2022", tmp_path / "t.md", tmp_path / "t.csv")
     bleu = df[df.metric == "bleu"].iloc[0]
     assert bleu.published == 63.19 and bleu.published_model == "gpt2"  # Li et al., E2E full, ε=8
+
+
+def test_dp_fisher_mask_composes_with_training_into_the_reported_epsilon(tmp_path, tiny_models):
+    from privtune.dp import accounting
+    from privtune.dp.audit import audit_report
+
+    write_jsonl(tmp_path / "train.jsonl", SST)
+    kw = dict(kind="classification", num_labels=2, p_d=0.3, max_length=32, source="dp", fisher_epsilon=1.0,
+              delta=1e-3)
+    info = compute_mask_file(tiny_models / "bert", tmp_path / "train.jsonl", tmp_path / "dp.pt", **kw)
+    assert info["private"] and abs(info["density"] - 0.3) < 1e-3 and info["noise_multiplier"] > 0
+    payload = torch.load(tmp_path / "dp.pt")
+    assert payload["privacy_events"] == [{"noise_multiplier": info["noise_multiplier"], "sample_rate": 1.0,
+                                          "steps": 1, "label": "dp_fisher"}]
+    compute_mask_file(tiny_models / "bert", tmp_path / "train.jsonl", tmp_path / "again.pt", **kw)
+    again = torch.load(tmp_path / "again.pt")["masks"]
+    assert all(torch.equal(payload["masks"][n], again[n]) for n in again)  # deterministic for a fixed seed
+
+    s = RunSettings(kind="classification", child="ct_d", epsilon=8.0, delta=1e-3, batch_size=8, steps=2,
+                    max_length=32)
+    rep = run(s, tiny_models / "bert", tmp_path / "train.jsonl", tmp_path / "run", mask_file=tmp_path / "dp.pt",
+              progress=False)["privacy"]
+    assert [e["label"] for e in rep["events"]] == ["dp_fisher", "training"]
+    training_alone = accounting.epsilon([accounting.GaussianEvent(**rep["events"][1])], 1e-3)
+    assert training_alone < rep["epsilon"] <= 8.0 * 1.01  # the Fisher's cost is inside the reported ε
+    assert rep["fisher_mask"]["source"] == "dp" and rep["fisher_mask"]["covered_by_reported_epsilon"]
+    assert not rep["warnings"] and audit_report(rep)["ok"]
+
+
+def test_public_fisher_mask_costs_nothing_and_says_where_it_came_from(tmp_path, tiny_models):
+    write_jsonl(tmp_path / "train.jsonl", SST)
+    write_jsonl(tmp_path / "public.jsonl", list(reversed(SST)))
+    info = compute_mask_file(tiny_models / "bert", tmp_path / "public.jsonl", tmp_path / "pub.pt",
+                             "classification", 2, p_d=0.2, max_length=32, source="public")
+    assert not info["private"] and torch.load(tmp_path / "pub.pt")["privacy_events"] == []
+    s = RunSettings(kind="classification", child="ct_d", epsilon=8.0, delta=1e-3, batch_size=8, steps=2,
+                    max_length=32)
+    rep = run(s, tiny_models / "bert", tmp_path / "train.jsonl", tmp_path / "run", mask_file=tmp_path / "pub.pt",
+              progress=False)["privacy"]
+    assert [e["label"] for e in rep["events"]] == ["training"] and not rep["warnings"]
+    assert rep["fisher_mask"]["source"] == "public" and rep["fisher_mask"]["data"].endswith("public.jsonl")
+
+
+def test_dp_fisher_needs_its_epsilon(tmp_path, tiny_models):
+    write_jsonl(tmp_path / "train.jsonl", SST)
+    with pytest.raises(ValueError, match="fisher_epsilon"):
+        compute_mask_file(tiny_models / "bert", tmp_path / "train.jsonl", tmp_path / "m.pt", "classification", 2,
+                          p_d=0.3, max_length=32, source="dp")

@@ -8,7 +8,9 @@
 Masks act on ``p.grad`` after clipping and noise and before the optimizer, as
 in the official code: with Adam, a masked coordinate still moves by its
 momentum, and weight decay still applies to it. These are the paper's choices
-and kept by default; :func:`restore_masked_` offers the strict variant.
+and kept by default (``child.strict: false``). With ``child.strict: true`` a
+masked coordinate does not move at all in that step: :func:`snapshot` before the
+optimizer step and :func:`restore_masked_` after it put its old value back.
 """
 from __future__ import annotations
 
@@ -27,25 +29,47 @@ def is_encoder_layer(name: str) -> bool:
     return bool(_ENCODER_LAYER.search(name))
 
 
-def ct_f_mask_(params, p_f: float, generator: torch.Generator | None = None) -> None:
-    """In place: ``g ← g ⊙ Bernoulli(p_F) / p_F`` for every parameter with a gradient."""
+Kept = list[tuple[nn.Parameter, torch.Tensor]]  # (parameter, boolean mask of its coordinates that update)
+
+
+def ct_f_mask_(params, p_f: float, generator: torch.Generator | None = None) -> Kept:
+    """In place: ``g ← g ⊙ Bernoulli(p_F) / p_F`` for every parameter with a gradient; returns the masks."""
     if not 0 < p_f <= 1:
         raise ValueError(f"p_F must be in (0, 1], got {p_f}")
+    kept = []
     for p in params:
         if p.grad is None:
             continue
         dev = generator.device if generator is not None else p.device
-        keep = torch.rand(p.shape, generator=generator, device=dev) < p_f
-        p.grad.mul_(keep.to(device=p.device, dtype=p.grad.dtype)).div_(p_f)
+        keep = (torch.rand(p.shape, generator=generator, device=dev) < p_f).to(p.device)
+        p.grad.mul_(keep.to(dtype=p.grad.dtype)).div_(p_f)
+        kept.append((p, keep))
+    return kept
 
 
-def fixed_mask_(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
-    """In place: ``g ← g ⊙ mask`` for the parameters named in ``masks`` (CT_D)."""
+def fixed_mask_(model: nn.Module, masks: dict[str, torch.Tensor]) -> Kept:
+    """In place: ``g ← g ⊙ mask`` for the parameters named in ``masks`` (CT_D); returns the masks."""
     named = dict(model.named_parameters())
+    kept = []
     for name, mask in masks.items():
         p = named[name]
+        keep = mask.to(device=p.device, dtype=torch.bool)
         if p.grad is not None:
-            p.grad.mul_(mask.to(device=p.device, dtype=p.grad.dtype))
+            p.grad.mul_(keep.to(dtype=p.grad.dtype))
+        kept.append((p, keep))
+    return kept
+
+
+def snapshot(kept: Kept) -> list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]]:
+    """The current values of the masked parameters (taken before ``optimizer.step()``)."""
+    return [(p, keep, p.detach().clone()) for p, keep in kept]
+
+
+def restore_masked_(saved) -> None:
+    """After ``optimizer.step()``: masked coordinates get their old values back (strict Child-Tuning)."""
+    with torch.no_grad():
+        for p, keep, before in saved:
+            p.copy_(torch.where(keep, p, before))
 
 
 def check_mask_fits(model: nn.Module, masks: dict[str, torch.Tensor], source: str) -> None:

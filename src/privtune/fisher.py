@@ -5,6 +5,20 @@ training set: the squared gradient of each batch's loss, averaged over batches.
 As in the official Child-Tuning code, each tensor's gradient is clipped to
 norm ``clip`` (1.0) before squaring.
 
+Three sources of the mask (``child.fisher_source``):
+
+* ``train``: the training data, no noise (the paper's method). Under DP its ε
+  does not cover the mask; the run's privacy report says so loudly.
+* ``public``: another dataset or split named in the config (no privacy cost,
+  provided that data really is public).
+* ``dp``: a differentially private Fisher (:func:`dp_fisher_information`): each
+  example's gradient over the selected parameters is clipped to norm ``C_F``
+  (jointly, not per tensor, so that one example changes the summed squares by at
+  most ``C_F²`` in L2 norm), squared, summed over one full pass, and released
+  once with Gaussian noise ``σ_F·C_F²``: one Gaussian mechanism (sampling rate 1,
+  one step) whose cost the accountant composes with training's, so the ε a run
+  reports covers both. The mask is post-processing of that release.
+
 The mask keeps the top ``p_D`` fraction of the *selected* parameters (encoder
 layers by default) under one global threshold. The threshold is found by
 bisection on the IEEE-754 bit patterns of the (non-negative) scores, counting
@@ -15,10 +29,14 @@ position (parameter order, then flat index), so the mask keeps exactly
 """
 from __future__ import annotations
 
+import math
+from dataclasses import asdict
 from typing import Callable, Iterable
 
 import torch
 from torch import nn
+
+FISHER_SOURCES = ("train", "public", "dp")
 
 
 def fisher_information(model: nn.Module, batches: Iterable, loss_fn: Callable, select: Callable[[str], bool],
@@ -47,6 +65,48 @@ def fisher_information(model: nn.Module, batches: Iterable, loss_fn: Callable, s
     if count == 0:
         raise ValueError("no batches: the Fisher estimate needs training data")
     return {n: f / count for n, f in fisher.items()}
+
+
+def dp_fisher_information(model: nn.Module, examples: Iterable, loss_fn: Callable, select: Callable[[str], bool],
+                          clip: float, noise_multiplier: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """``{name: Σ_i clip_C(g_i)² + N(0, (σ·C²)²)}``, shifted to be non-negative (order kept).
+
+    ``examples`` yields batches of **one** example each; ``g_i`` is that example's
+    gradient over the selected parameters, clipped to norm ``clip`` jointly.
+    The scores are unnormalised: the mask depends on their order only.
+    """
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad and select(n)}
+    if not params:
+        raise ValueError("no parameter is selected for the Fisher mask (check the model's layer names)")
+    total = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+    model.eval()
+    for batch in examples:
+        model.zero_grad(set_to_none=True)
+        loss = loss_fn(model, batch)
+        if loss.numel() != 1:
+            raise ValueError(f"the DP Fisher needs one example per batch, got {loss.numel()}")
+        loss.sum().backward()
+        grads = {n: p.grad.float() for n, p in params.items() if p.grad is not None}
+        norm = torch.sqrt(sum(g.pow(2).sum() for g in grads.values()))
+        factor = (clip / (norm + 1e-12)).clamp(max=1.0)
+        for n, g in grads.items():
+            total[n] += (g * factor).pow(2)
+    model.zero_grad(set_to_none=True)
+    std = noise_multiplier * clip ** 2
+    for n, t in total.items():
+        t += torch.randn(t.shape, generator=generator, device=generator.device).to(t.device) * std
+    low = min(float(t.min()) for t in total.values())
+    return {n: t - low for n, t in total.items()}
+
+
+def dp_fisher_event(fisher_epsilon: float, delta: float):
+    """The DP Fisher as an accounting event: one Gaussian release (rate 1) calibrated to ``fisher_epsilon``."""
+    from .dp import accounting
+
+    if not fisher_epsilon or fisher_epsilon <= 0:
+        raise ValueError("child.fisher_source: dp needs child.fisher_epsilon > 0 (the ε spent on the Fisher)")
+    sigma = accounting.calibrate_noise(fisher_epsilon, delta, 1.0, 1)
+    return accounting.GaussianEvent(sigma, 1.0, 1, "dp_fisher")
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -89,13 +149,22 @@ def mask_density(masks: dict[str, torch.Tensor]) -> float:
 
 
 def compute_mask_file(model_dir, train_file, out_file, kind: str, num_labels: int, p_d: float,
-                      batch_size: int = 16, max_length: int = 128, seed: int = 0, threads: int | None = None) -> dict:
-    """The ``fisher_mask`` rule: Fisher over one pass of ``train_file``, top-p_D encoder-layer mask, saved."""
+                      batch_size: int = 16, max_length: int = 128, seed: int = 0, threads: int | None = None,
+                      source: str = "train", fisher_epsilon: float | None = None, fisher_clip: float = 1.0,
+                      delta: float | str = "auto") -> dict:
+    """The ``fisher_mask`` rule: Fisher over one pass of ``train_file``, top-p_D encoder-layer mask, saved.
+
+    ``source`` is ``train`` or ``public`` (plain Fisher of ``train_file``) or ``dp``
+    (:func:`dp_fisher_information` at ``fisher_epsilon``, δ as training's: ``auto`` = n^-1.1).
+    """
     from . import tasks
     from .child import is_encoder_layer
+    from .dp import accounting
     from .io import read_jsonl, torch_save
     from .models import default_device, load_for_task, load_tokenizer
 
+    if source not in FISHER_SOURCES:
+        raise ValueError(f"child.fisher_source must be one of {FISHER_SOURCES}, got {source!r}")
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)  # the classifier head is initialised as in training with this seed
@@ -103,11 +172,31 @@ def compute_mask_file(model_dir, train_file, out_file, kind: str, num_labels: in
     tok = load_tokenizer(model_dir)
     model = load_for_task(model_dir, kind, num_labels).to(device)
     data = tasks.encode(tok, read_jsonl(train_file), kind, max_length)
-    batches = (tasks.collate(data[i: i + batch_size], tok.pad_token_id, kind, device)
-               for i in range(0, len(data), batch_size))
-    scores = fisher_information(model, batches, lambda m, b: tasks.per_example_loss(m, b, kind), is_encoder_layer)
+    info = {"p_d": p_d, "source": source, "data": str(train_file), "model": str(model_dir), "seed": seed,
+            "examples": len(data), "private": source == "dp"}
+    events = []
+
+    def loss_fn(m, b):
+        return tasks.per_example_loss(m, b, kind)
+
+    if source == "dp":
+        n = len(data)
+        delta = accounting.default_delta(n) if delta == "auto" else float(delta)
+        event = dp_fisher_event(fisher_epsilon, delta)
+        sigma = event.noise_multiplier
+        gen = torch.Generator(device=device).manual_seed(seed + 2)
+        singles = (tasks.collate([e], tok.pad_token_id, kind, device) for e in data)
+        scores = dp_fisher_information(model, singles, loss_fn, is_encoder_layer, fisher_clip, sigma, gen)
+        events = [asdict(event)]
+        d = sum(t.numel() for t in scores.values())
+        info.update(fisher_epsilon=fisher_epsilon, delta=delta, noise_multiplier=sigma, clip=fisher_clip,
+                    # public numbers: noise norm over the largest possible signal norm (n·C²)
+                    noise_to_max_signal=sigma * math.sqrt(d) / n)
+    else:
+        batches = (tasks.collate(data[i: i + batch_size], tok.pad_token_id, kind, device)
+                   for i in range(0, len(data), batch_size))
+        scores = fisher_information(model, batches, loss_fn, is_encoder_layer)
     masks = top_fraction_mask(scores, p_d)
-    info = {"p_d": p_d, "density": mask_density(masks), "parameters": sum(m.numel() for m in masks.values()),
-            "source": str(train_file), "model": str(model_dir), "seed": seed, "private": False}
-    torch_save({"masks": {n: m.cpu() for n, m in masks.items()}, "info": info, "privacy_events": []}, out_file)
+    info.update(density=mask_density(masks), parameters=sum(m.numel() for m in masks.values()))
+    torch_save({"masks": {n: m.cpu() for n, m in masks.items()}, "info": info, "privacy_events": events}, out_file)
     return info

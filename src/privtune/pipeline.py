@@ -63,8 +63,9 @@ class Run:
         return next(e for e in config["experiments"] if e["name"] == self.experiment)
 
     def mask_path(self, config: dict) -> str:
-        p_d = self.exp(config).get("child", {}).get("p_d", 0.3)
-        return f"results/fisher/{self.task}/{self.model}/pd~{pd_token(p_d)}/seed~{self.seed}/mask.pt"
+        child = self.exp(config).get("child", {})
+        return (f"results/fisher/{self.task}/{self.model}/{fisher_source_token(child)}/"
+                f"pd~{pd_token(child.get('p_d', 0.3))}/seed~{self.seed}/mask.pt")
 
     @classmethod
     def from_wildcards(cls, config: dict, wc) -> "Run":
@@ -84,6 +85,37 @@ class Run:
                          "max_length": config["datasets"][self.task].get("max_length", 128)}})
 
 
+def fisher_source_token(child: dict) -> str:
+    """The Child-Tuning_D mask's source as a path element: ``train``, ``dp-eps1``, ``public-sst2-dev``."""
+    source = child.get("fisher_source", "train")
+    if source == "dp":
+        return f"dp-eps{float(child['fisher_epsilon']):g}"
+    if source == "public":
+        pub = child["public_data"]
+        return f"public-{pub['task']}-{pub['split']}"
+    return source
+
+
+def _check_child(e: dict, config: dict) -> None:
+    """Child-Tuning settings that the schema cannot check, refused before any job."""
+    child, where = e.get("child", {}), f"experiment '{e['name']}': child"
+    source = child.get("fisher_source", "train")
+    if source == "dp":
+        eps_f = child.get("fisher_epsilon")
+        if eps_f is None:
+            raise ValueError(f"{where}.fisher_source is dp but child.fisher_epsilon (the ε of the Fisher) is not set")
+        too_small = [x for x in e["epsilons"] if x != "inf" and float(x) <= eps_f]
+        if too_small:
+            raise ValueError(f"{where}.fisher_epsilon = {eps_f} leaves no budget for training at ε = {too_small}: "
+                             "choose a fisher_epsilon below every ε of the experiment")
+    if source == "public":
+        pub = child.get("public_data")
+        if not pub:
+            raise ValueError(f"{where}.fisher_source is public but child.public_data {{task, split}} is not set")
+        if pub["task"] not in config["datasets"]:
+            raise ValueError(f"{where}.public_data.task '{pub['task']}' has no entry under datasets: in the config")
+
+
 def expand_runs(config: dict) -> list[Run]:
     runs, seen = [], set()
     names = [e["name"] for e in config["experiments"]]
@@ -96,6 +128,8 @@ def expand_runs(config: dict) -> list[Run]:
             if m not in config["models"]:
                 raise ValueError(f"experiment '{e['name']}': model '{m}' is not defined under models: in the config "
                                  f"(defined: {sorted(config['models'])})")
+        if "ct_d" in e["methods"]:
+            _check_child(e, config)
         allowed = CHILD_METHODS if e["paper"] == "xu2021" else DP_METHODS
         for meth in e["methods"]:
             if meth not in allowed:
@@ -128,15 +162,55 @@ def run_settings(config: dict, run: Run) -> dict:
     if run.method in CHILD_METHODS:
         s["child"] = run.method
         s["p_f"] = child.get("p_f", 0.3)
+        s["child_strict"] = child.get("strict", False)
     return canonical(s)
 
 
-def fisher_settings(config: dict, task: str, model: str, p_d: float, seed: int) -> dict:
-    info = task_info(task)
-    batch = 16
+def fisher_experiment(config: dict, task: str, model: str, source: str) -> dict:
+    """The (first) experiment whose Child-Tuning_D runs use the mask of (task, model, source)."""
     for e in config["experiments"]:
-        if e["task"] == task and model in e["models"] and "ct_d" in e["methods"]:
-            batch = e.get("child", {}).get("fisher_batch_size", 16)
-    return canonical({"kind": info["kind"], "num_labels": info["num_labels"], "p_d": p_d, "batch_size": batch,
-                      "max_length": config["datasets"][task].get("max_length", 128), "seed": seed,
-                      "threads": config.get("threads")})
+        if (e["task"] == task and model in e["models"] and "ct_d" in e["methods"]
+                and fisher_source_token(e.get("child", {})) == source):
+            return e
+    raise ValueError(f"no experiment uses a Fisher mask from source '{source}' for {task}/{model}")
+
+
+def fisher_data(config: dict, task: str, model: str, source: str) -> str:
+    """The prepared data file a mask is computed from: the training data, or the public data named."""
+    child = fisher_experiment(config, task, model, source).get("child", {})
+    if child.get("fisher_source") == "public":
+        pub = child["public_data"]
+        return f"results/data/{pub['task']}/public~{pub['split']}.jsonl"
+    return f"results/data/{task}/train.jsonl"
+
+
+def fisher_settings(config: dict, task: str, model: str, source: str, p_d: float, seed: int) -> dict:
+    """Arguments of :func:`privtune.fisher.compute_mask_file` for one mask."""
+    e = fisher_experiment(config, task, model, source)
+    child = e.get("child", {})
+    data_task = child["public_data"]["task"] if child.get("fisher_source") == "public" else task
+    info = task_info(data_task)
+    train = {**config.get("train_defaults", {}), **e.get("train", {})}
+    return canonical({"kind": info["kind"], "num_labels": info["num_labels"], "p_d": p_d,
+                      "batch_size": child.get("fisher_batch_size", 16),
+                      "max_length": config["datasets"][data_task].get("max_length", 128), "seed": seed,
+                      "threads": config.get("threads"), "source": child.get("fisher_source", "train"),
+                      "fisher_epsilon": child.get("fisher_epsilon"), "fisher_clip": child.get("fisher_clip", 1.0),
+                      "delta": train.get("delta", "auto")})
+
+
+def data_spec(config: dict, task: str, part: str) -> dict:
+    """What the ``prepare_data`` rule reads for ``part`` (train, eval, or ``public~SPLIT``) of ``task``."""
+    ds = config["datasets"][task]
+    if part.startswith("public~"):
+        split = part.split("~", 1)[1]
+        sizes = {e["child"]["public_data"].get("size") for e in config["experiments"]
+                 if e.get("child", {}).get("public_data", {}).get("task") == task
+                 and e["child"]["public_data"]["split"] == split}
+        if len(sizes) > 1:
+            raise ValueError(f"experiments name public data {task}/{split} with different sizes {sorted(sizes)}")
+        size = sizes.pop() if sizes else None
+    else:
+        split, size = ds.get(f"{part}_split"), ds.get(f"{part}_size")
+    return canonical({"split": split, "size": size, "seed": ds.get("sample_seed", 0),
+                      "k_shot_seed": ds.get("k_shot_seed"), "verify_size": ds.get("verify_size", True)})

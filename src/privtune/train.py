@@ -70,6 +70,7 @@ class RunSettings:
     clipping_mode: str = "bk"  # bk | ghost
     child: str = "vanilla"  # vanilla | ct_f | ct_d
     p_f: float = 0.3
+    child_strict: bool = False  # masked coordinates do not move at all (no momentum, no weight decay)
     seed: int = 0
     threads: int | None = None
     verify_engine: bool = True
@@ -170,8 +171,28 @@ def _all_finite(params) -> bool:
     return bool(torch.stack([g.isfinite().all() for g in grads]).all()) if grads else True
 
 
+def _fisher_mask_record(mask_file: Path | None, mask_info: dict | None, private: bool) -> tuple[dict | None, list]:
+    """What the privacy report says about a Child-Tuning_D mask, and its warnings."""
+    if mask_file is None:
+        return None, []
+    info = mask_info or {}
+    source = info.get("source", "train")
+    record = {"file": str(mask_file), "source": source, "data": info.get("data"),
+              "covered_by_reported_epsilon": source != "train"}
+    if source == "dp":
+        record["note"] = (f"DP Fisher at ε_F = {info.get('fisher_epsilon')} (σ_F = {info.get('noise_multiplier')}), "
+                          "composed with training into the reported ε")
+    elif source == "public":
+        record["note"] = f"Fisher of {info.get('data')}, named public in the config: no privacy cost if it is public"
+    warnings = []
+    if private and source == "train":
+        warnings.append(f"The Child-Tuning_D mask {mask_file} was computed from the training data without noise: "
+                        "the ε reported here does NOT cover it. Use child.fisher_source: dp or public.")
+    return record, warnings
+
+
 def privacy_record(plan: PrivacyPlan, s: RunSettings, mask_file: Path | None = None,
-                   skipped: list[int] = ()) -> dict:
+                   skipped: list[int] = (), mask_info: dict | None = None) -> dict:
     """The run's ``privacy.json``: ε under each accountant and all that is needed to re-derive it."""
     if not plan.private:
         report = {"epsilon": math.inf, "delta": None}
@@ -184,10 +205,7 @@ def privacy_record(plan: PrivacyPlan, s: RunSettings, mask_file: Path | None = N
             per_epoch.append({"step": k, "epsilon": accounting.epsilon(
                 [*plan.prior, accounting.GaussianEvent(plan.noise_multiplier, plan.sample_rate, k)],
                 plan.delta, s.accountant)})
-    warnings = []
-    if plan.private and mask_file and not plan.prior:
-        warnings.append(f"The Child-Tuning_D mask {mask_file} was computed from the training data without noise: "
-                        "the ε reported here does NOT cover it.")
+    fisher_mask, warnings = _fisher_mask_record(mask_file, mask_info, plan.private)
     report.update(
         private=plan.private, target_epsilon=s.epsilon, noise_multiplier=plan.noise_multiplier,
         clip_norm=s.clip_norm, sample_rate=plan.sample_rate, steps=plan.steps, dataset_size=plan.dataset_size,
@@ -196,7 +214,7 @@ def privacy_record(plan: PrivacyPlan, s: RunSettings, mask_file: Path | None = N
         guarantee=("(ε, δ)-DP under Poisson subsampling, as accounted" if plan.sampling == "poisson" else
                    "accounted as Poisson subsampling with q = B/n, but batches were fixed-size shuffled: "
                    "the common approximation (as in Li et al.'s code), not a proof for this sampler"),
-        fisher_mask=(f"mask from {mask_file}" if mask_file else None), warnings=warnings, versions=_versions(),
+        fisher_mask=fisher_mask, warnings=warnings, versions=_versions(),
     )
     return report
 
@@ -215,12 +233,12 @@ def run(settings: RunSettings, model_dir: Path, train_file: Path, out_dir: Path,
     if not data:
         raise ValueError(f"{train_file} holds no training examples (after encoding with max_length={s.max_length})")
 
-    masks = None
+    masks, mask_info = None, None
     if s.child == "ct_d":
         if mask_file is None:
             raise ValueError("child: ct_d needs a Fisher mask file")
         payload = torch.load(mask_file, map_location="cpu")
-        masks = payload["masks"]
+        masks, mask_info = payload["masks"], payload.get("info")
         child.check_mask_fits(model, masks, str(mask_file))
         s.prior_events = s.prior_events or payload.get("privacy_events", [])
 
@@ -301,11 +319,11 @@ def run(settings: RunSettings, model_dir: Path, train_file: Path, out_dir: Path,
             opt.zero_grad(set_to_none=True)
             state["skipped"].append(step)
         else:
-            if s.child == "ct_f":
-                child.ct_f_mask_(params, s.p_f, gen)
-            elif s.child == "ct_d":
-                child.fixed_mask_(model, masks)
+            kept = (child.ct_f_mask_(params, s.p_f, gen) if s.child == "ct_f" else
+                    child.fixed_mask_(model, masks) if s.child == "ct_d" else [])
+            saved = child.snapshot(kept) if s.child_strict else []
             opt.step()
+            child.restore_masked_(saved)
             opt.zero_grad(set_to_none=True)
         sched.step()
         state["log"].append({"step": step, "loss": loss, "batch": int(len(idx)), "lr": sched.get_last_lr()[0],
@@ -327,7 +345,7 @@ def run(settings: RunSettings, model_dir: Path, train_file: Path, out_dir: Path,
     with atomic_dir(out_dir / "model") as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-    report = privacy_record(plan, s, mask_file, state["skipped"])
+    report = privacy_record(plan, s, mask_file, state["skipped"], mask_info)
     noise, grads = state["noise_norms"], state["grad_norms"]
     train_metrics = {
         "steps": plan.steps, "final_loss": state["log"][-1]["loss"], "seconds": elapsed,

@@ -1,6 +1,6 @@
 # Expand config.yaml's experiments into runs, and helpers the rules share.
 
-from privtune.pipeline import Run, canonical, expand_runs, run_settings
+from privtune.pipeline import Run, canonical, data_spec, expand_runs, fisher_data, fisher_settings, run_settings
 from privtune.report.figures import PAPER_FIGURES
 
 RUNS = expand_runs(config)
@@ -10,7 +10,8 @@ PAPERS = sorted({r.paper for r in RUNS})
 wildcard_constraints:
     eps=r"inf|[0-9]+(\.[0-9]+)?",
     seed=r"\d+",
-    part=r"train|eval",
+    part=r"train|eval|public~[a-z_]+",
+    source=r"train|dp-eps[0-9.e+-]+|public-[a-z0-9]+-[a-z_]+",
     pd=r"[0-9.]+",
     paper=r"li2022|xu2021",
     figure=r"[a-z_]+",

@@ -7,7 +7,7 @@ rule prepare_data:
         "benchmarks/prepare_data/{task}/{part}.tsv"
     params:
         data_dir=config["data_dir"],
-        spec=lambda wc: canonical(config["datasets"][wc.task]),
+        spec=lambda wc: data_spec(config, wc.task, wc.part),
     threads: 1
     conda:
         "../../envs/privtune.yaml"
