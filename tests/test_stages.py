@@ -223,3 +223,19 @@ def test_dp_fisher_needs_its_epsilon(tmp_path, tiny_models):
     with pytest.raises(ValueError, match="fisher_epsilon"):
         compute_mask_file(tiny_models / "bert", tmp_path / "train.jsonl", tmp_path / "m.pt", "classification", 2,
                           p_d=0.3, max_length=32, source="dp")
+
+
+def test_secure_noise_is_not_derived_from_the_seed(tmp_path, tiny_models):
+    from safetensors.torch import load_file
+
+    write_jsonl(tmp_path / "train.jsonl", SST)
+    weights = {}
+    for name, secure in (("a", True), ("b", True), ("c", False), ("d", False)):
+        s = RunSettings(kind="classification", epsilon=8.0, delta=1e-3, batch_size=8, steps=2, max_length=32,
+                        secure_noise=secure)
+        rep = run(s, tiny_models / "bert", tmp_path / "train.jsonl", tmp_path / name, progress=False)["privacy"]
+        assert ("operating system" in rep["noise_rng"]) is secure
+        weights[name] = load_file(tmp_path / name / "model/model.safetensors")
+    same = {pair: all(torch.equal(weights[pair[0]][k], weights[pair[1]][k]) for k in weights["a"])
+            for pair in (("a", "b"), ("c", "d"))}
+    assert same == {("a", "b"): False, ("c", "d"): True}  # same seed: fresh noise only when secure

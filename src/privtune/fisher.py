@@ -151,7 +151,7 @@ def mask_density(masks: dict[str, torch.Tensor]) -> float:
 def compute_mask_file(model_dir, train_file, out_file, kind: str, num_labels: int, p_d: float,
                       batch_size: int = 16, max_length: int = 128, seed: int = 0, threads: int | None = None,
                       source: str = "train", fisher_epsilon: float | None = None, fisher_clip: float = 1.0,
-                      delta: float | str = "auto") -> dict:
+                      delta: float | str = "auto", secure_noise: bool = False) -> dict:
     """The ``fisher_mask`` rule: Fisher over one pass of ``train_file``, top-p_D encoder-layer mask, saved.
 
     ``source`` is ``train`` or ``public`` (plain Fisher of ``train_file``) or ``dp``
@@ -162,6 +162,7 @@ def compute_mask_file(model_dir, train_file, out_file, kind: str, num_labels: in
     from .dp import accounting
     from .io import read_jsonl, torch_save
     from .models import default_device, load_for_task, load_tokenizer
+    from .train import noise_rng_record, noise_seed
 
     if source not in FISHER_SOURCES:
         raise ValueError(f"child.fisher_source must be one of {FISHER_SOURCES}, got {source!r}")
@@ -184,12 +185,13 @@ def compute_mask_file(model_dir, train_file, out_file, kind: str, num_labels: in
         delta = accounting.default_delta(n) if delta == "auto" else float(delta)
         event = dp_fisher_event(fisher_epsilon, delta)
         sigma = event.noise_multiplier
-        gen = torch.Generator(device=device).manual_seed(seed + 2)
+        gen = torch.Generator(device=device).manual_seed(noise_seed(seed + 2, secure_noise))
         singles = (tasks.collate([e], tok.pad_token_id, kind, device) for e in data)
         scores = dp_fisher_information(model, singles, loss_fn, is_encoder_layer, fisher_clip, sigma, gen)
         events = [asdict(event)]
         d = sum(t.numel() for t in scores.values())
         info.update(fisher_epsilon=fisher_epsilon, delta=delta, noise_multiplier=sigma, clip=fisher_clip,
+                    noise_rng=noise_rng_record(secure_noise),
                     # public numbers: noise norm over the largest possible signal norm (n·C²)
                     noise_to_max_signal=sigma * math.sqrt(d) / n)
     else:

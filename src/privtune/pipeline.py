@@ -196,7 +196,7 @@ def fisher_settings(config: dict, task: str, model: str, source: str, p_d: float
                       "max_length": config["datasets"][data_task].get("max_length", 128), "seed": seed,
                       "threads": config.get("threads"), "source": child.get("fisher_source", "train"),
                       "fisher_epsilon": child.get("fisher_epsilon"), "fisher_clip": child.get("fisher_clip", 1.0),
-                      "delta": train.get("delta", "auto")})
+                      "delta": train.get("delta", "auto"), "secure_noise": train.get("secure_noise", False)})
 
 
 def data_spec(config: dict, task: str, part: str) -> dict:

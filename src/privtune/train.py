@@ -9,7 +9,7 @@ Faults: the run checkpoints every ``checkpoint_every`` steps (and every
 ``checkpoint_minutes``) into ``{out}/checkpoint/`` and, rerun after being killed,
 resumes there (:mod:`privtune.checkpoint`), ending with the same parameters and
 the same ε as an uninterrupted run. Outputs are written atomically, the model
-folder last but one and ``privacy.json`` last of all. A non-finite loss or gradient
+folder first and ``privacy.json`` last of all. A non-finite loss or gradient
 stops the run naming the step (``on_nonfinite: stop``), or skips that update
 (``skip``): under DP the skip is decided on the *privatized* gradient, which makes
 it post-processing, and a skipped step still counts toward ε.
@@ -26,6 +26,7 @@ import contextlib
 import json
 import math
 import platform
+import secrets
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -78,6 +79,7 @@ class RunSettings:
     checkpoint_every: int = 100  # optimizer steps between checkpoints; 0: never by count
     checkpoint_minutes: float = 15.0  # minutes between checkpoints; 0: never by time
     on_nonfinite: str = "stop"  # stop | skip (a non-finite loss or gradient)
+    secure_noise: bool = False  # seed the noise generator from the OS, not from `seed` (for a real release)
     prior_events: list = field(default_factory=list)  # e.g. a DP Fisher pass, composed into ε
 
     def __post_init__(self) -> None:
@@ -166,6 +168,17 @@ def _versions() -> dict:
             "opacus": opacus.__version__, "dp-accounting": version("dp-accounting")}
 
 
+def noise_seed(seed: int, secure: bool) -> int:
+    """The noise generator's seed: ``seed`` (reproducible) or 63 fresh bits from the OS (``secure``)."""
+    return secrets.randbits(63) if secure else seed
+
+
+def noise_rng_record(secure: bool) -> str:
+    return ("seeded from the operating system's entropy (os.urandom); the seed is not recorded" if secure else
+            "seeded from the run's seed: reproducible, but anyone who knows the seed can regenerate the noise "
+            "and remove it. Not for a real release: set train.secure_noise: true")
+
+
 def _all_finite(params) -> bool:
     grads = [p.grad for p in params if p.grad is not None]
     return bool(torch.stack([g.isfinite().all() for g in grads]).all()) if grads else True
@@ -211,6 +224,7 @@ def privacy_record(plan: PrivacyPlan, s: RunSettings, mask_file: Path | None = N
         clip_norm=s.clip_norm, sample_rate=plan.sample_rate, steps=plan.steps, dataset_size=plan.dataset_size,
         expected_batch_size=plan.batch_size, sampling=plan.sampling, accountant_calibrated_with=s.accountant,
         epsilon_by_epoch=per_epoch, seed=s.seed, skipped_steps=list(skipped),
+        noise_rng=noise_rng_record(s.secure_noise),
         guarantee=("(ε, δ)-DP under Poisson subsampling, as accounted" if plan.sampling == "poisson" else
                    "accounted as Poisson subsampling with q = B/n, but batches were fixed-size shuffled: "
                    "the common approximation (as in Li et al.'s code), not a proof for this sampler"),
@@ -251,7 +265,7 @@ def run(settings: RunSettings, model_dir: Path, train_file: Path, out_dir: Path,
         params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(s.optimizer, params, s.lr, s.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(s, plan.steps))
-    gen = torch.Generator(device=device).manual_seed(s.seed + 1)
+    gen = torch.Generator(device=device).manual_seed(noise_seed(s.seed + 1, s.secure_noise))
 
     ckpt_dir = out_dir / "checkpoint"
     fp = checkpoint.fingerprint(asdict(s), train_file, model_dir, mask_file)
