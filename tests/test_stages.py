@@ -239,3 +239,22 @@ def test_secure_noise_is_not_derived_from_the_seed(tmp_path, tiny_models):
     same = {pair: all(torch.equal(weights[pair[0]][k], weights[pair[1]][k]) for k in weights["a"])
             for pair in (("a", "b"), ("c", "d"))}
     assert same == {("a", "b"): False, ("c", "d"): True}  # same seed: fresh noise only when secure
+
+
+def test_summary_table_gives_mean_and_spread_over_seeds():
+    import pandas as pd
+
+    from privtune.report.tables import summary, with_published
+
+    rows = [dict(task="cola", model="m", method=meth, eps="inf", seed=seed, metric="mcc", ours=v + 10 * i,
+                 epsilon_spent=None, noise_multiplier=0.0)
+            for i, meth in enumerate(["ct_d", "vanilla", "ct_f"]) for seed, v in enumerate([10.0, 12.0, 14.0])]
+    rows.append(dict(task="e2e", model="gpt2", method="full", eps="8", seed=0, metric="bleu", ours=50.0,
+                     epsilon_spent=7.9, noise_multiplier=1.0))
+    df = pd.DataFrame(rows)
+    df = pd.concat([with_published(df[df.task == "cola"], "xu2021"), with_published(df[df.task == "e2e"], "li2022")])
+    table = summary(df)
+    assert list(table.columns) == ["task", "model", "eps", "metric", "full", "vanilla", "ct_f", "ct_d"]
+    cola = table[table.task == "cola"].iloc[0]
+    assert (cola.ct_d, cola.vanilla, cola.ct_f) == ("12.00 ± 2.00 (n=3)", "22.00 ± 2.00 (n=3)", "32.00 ± 2.00 (n=3)")
+    assert table[table.task == "e2e"].iloc[0].full == "50.00 [paper: 63.19]"

@@ -57,6 +57,25 @@ def _eps_key(e: str) -> float:
     return math.inf if e == "inf" else float(e)
 
 
+METHOD_ORDER = ["full", "vanilla", "ct_f", "ct_d"]
+
+
+def summary(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per (task, model, ε, metric), one column per method: mean ± standard deviation over
+    seeds (n seeds), and the paper's value in brackets where it reports one."""
+    def cell(g: pd.DataFrame) -> str:
+        text = f"{g.ours.mean():.2f}" + (f" ± {g.ours.std():.2f} (n={len(g)})" if len(g) > 1 else "")
+        pub = g.published.dropna()
+        return text + (f" [paper: {pub.iloc[0]:g}]" if len(pub) else "")
+
+    keys = ["task", "model", "eps", "metric"]
+    cells = df.groupby([*keys, "method"], sort=False).apply(cell, include_groups=False).rename("cell").reset_index()
+    table = cells.pivot(index=keys, columns="method", values="cell")
+    table = table[[m for m in METHOD_ORDER if m in table.columns] +
+                  [m for m in table.columns if m not in METHOD_ORDER]]
+    return table.reset_index().fillna("")
+
+
 def write_tables(metric_files, paper: str, md_path, csv_path) -> pd.DataFrame:
     df = collect(metric_files)
     if df.empty:
@@ -71,6 +90,9 @@ def write_tables(metric_files, paper: str, md_path, csv_path) -> pd.DataFrame:
           "One row per run and metric. `eps` is the target ε (inf: non-private); `epsilon_spent` the largest ε of "
           "the accountants asked (RDP, PRV, dp-accounting RDP). `published` is the paper's number for the same "
           "task, method and ε, on the paper's model (`published_model`), where the paper reports one.", "",
+          "## Summary: mean ± standard deviation over seeds", "",
+          summary(df).to_markdown(index=False), "",
+          "## Every run", "",
           df.astype(object).fillna("").to_markdown(index=False), ""]
     write_atomic(md_path, "\n".join(md))
     return df
