@@ -32,8 +32,9 @@ def is_encoder_layer(name: str) -> bool:
 Kept = list[tuple[nn.Parameter, torch.Tensor]]  # (parameter, boolean mask of its coordinates that update)
 
 
-def ct_f_mask_(params, p_f: float, generator: torch.Generator | None = None) -> Kept:
-    """In place: ``g ← g ⊙ Bernoulli(p_F) / p_F`` for every parameter with a gradient; returns the masks."""
+def ct_f_mask_(params, p_f: float, generator: torch.Generator | None = None, return_masks: bool = True) -> Kept:
+    """In place: ``g ← g ⊙ Bernoulli(p_F) / p_F`` for every parameter with a gradient; returns the masks
+    (none with ``return_masks=False``, so that each is freed as soon as it is applied)."""
     if not 0 < p_f <= 1:
         raise ValueError(f"p_F must be in (0, 1], got {p_f}")
     kept = []
@@ -43,7 +44,8 @@ def ct_f_mask_(params, p_f: float, generator: torch.Generator | None = None) -> 
         dev = generator.device if generator is not None else p.device
         keep = (torch.rand(p.shape, generator=generator, device=dev) < p_f).to(p.device)
         p.grad.mul_(keep.to(dtype=p.grad.dtype)).div_(p_f)
-        kept.append((p, keep))
+        if return_masks:
+            kept.append((p, keep))
     return kept
 
 

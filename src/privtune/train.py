@@ -333,7 +333,7 @@ def run(settings: RunSettings, model_dir: Path, train_file: Path, out_dir: Path,
             opt.zero_grad(set_to_none=True)
             state["skipped"].append(step)
         else:
-            kept = (child.ct_f_mask_(params, s.p_f, gen) if s.child == "ct_f" else
+            kept = (child.ct_f_mask_(params, s.p_f, gen, return_masks=s.child_strict) if s.child == "ct_f" else
                     child.fixed_mask_(model, masks) if s.child == "ct_d" else [])
             saved = child.snapshot(kept) if s.child_strict else []
             opt.step()
