@@ -221,14 +221,14 @@ def read_split(
         if k_shot_seed is not None:
             raise ValueError(f"k_shot_seed is only defined for classification tasks, not {task!r}")
         files, parse = (_E2E_FILES, _read_e2e_csv) if task == "e2e" else (_DART_FILES, _read_dart)
-        return _load(_pick(files, task, split, "full data"), data_dir, parse, verify_size and task)
+        return _load(_pick(files, task, split, "full data"), data_dir, parse, task if verify_size else None)
     relpath = _classification_relpath(task, split, k_shot_seed)
     return _load(relpath, data_dir, lambda path: _read_glue_tsv(path, task, unlabelled_ok=split.startswith("test")),
-                 verify_size and task)
+                 task if verify_size else None)
 
 
 def _load(relpath: str, data_dir: Path, parse: Callable[[Path], list[dict[str, Any]]],
-          verify_task: str | bool = False) -> list[dict[str, Any]]:
+          verify_task: str | None = None) -> list[dict[str, Any]]:
     """Ensure ``relpath`` exists, parse it, and treat a file without records, or (when
     ``verify_task`` names the task) with another count than the official file, as truncated."""
     path = ensure_file(relpath, data_dir)
