@@ -8,6 +8,19 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("PRIVTUNE_DATA_DIR", ROOT.parent / "shared" / "data"))
 
 
+@pytest.fixture
+def float64():
+    """torch's default dtype float64 for one test, restored afterwards (never leaks into other tests)."""
+    import torch
+
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """Random-init tiny BERT and Llama folders (byte tokenizer, offline): ``root/bert``, ``root/llama``."""

@@ -13,13 +13,7 @@ from privtune.dp.layers import UnsupportedLayerError
 B, T = 4, 7
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    """Every test here in float64; restored after each, so no other test module inherits it."""
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(before)
+pytestmark = pytest.mark.usefixtures("float64")  # every test in float64 (conftest; restored after each)
 
 
 def brute_force(params, loss_fn, clip):

@@ -64,13 +64,20 @@ def encode(tokenizer, records: list[dict], kind: str, max_length: int) -> list[E
     return fn(tokenizer, records, max_length)
 
 
-def collate(examples: list[Encoded], pad_id: int, kind: str, device) -> dict:
+def pad_right(examples: list[Encoded], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` (B, T) of ``examples``, right-padded with ``pad_id``."""
     T = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(examples), T), dtype=torch.long)
     for i, e in enumerate(examples):
         ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
         mask[i, : len(e.input_ids)] = 1
+    return ids, mask
+
+
+def collate(examples: list[Encoded], pad_id: int, kind: str, device) -> dict:
+    ids, mask = pad_right(examples, pad_id)
+    T = ids.shape[1]
     batch = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
     if kind == "table2text":
         lab = torch.full((len(examples), T), IGNORE, dtype=torch.long)

@@ -65,20 +65,32 @@ class GhostClipEngine:
         self.params: list[nn.Parameter] = []
         self.param_names: dict[int, str] = {}
         seen: set[int] = set()
-        for name, module in model.named_modules():
-            direct = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+        owners = [(name, module, [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad])
+                  for name, module in model.named_modules()]
+        # A module is hooked when a handler covers all its trainable parameters. A parameter
+        # registered twice (BERT/RoBERTa MLM heads hold the decoder bias as ``bias`` of the head
+        # and as ``decoder.bias``) is clipped through whichever hooked module owns it; only a
+        # parameter no hooked module owns is an error.
+        hooked: dict[str, Handler] = {}
+        for name, module, direct in owners:
+            handler = find_handler(module) if direct and all(n in _HANDLED_NAMES for n, _ in direct) else None
+            if handler is not None:
+                hooked[name] = handler
+        covered = {id(p) for name, _, direct in owners if name in hooked for _, p in direct}
+        for name, module, direct in owners:
             if not direct:
                 continue
-            handler = find_handler(module)
-            extra = [n for n, _ in direct if n not in _HANDLED_NAMES]
-            if handler is None or extra:
-                what = ", ".join(n for n, _ in direct)
+            if name not in hooked:
+                uncovered = [n for n, p in direct if id(p) not in covered]
+                if not uncovered:
+                    continue
                 raise UnsupportedLayerError(
                     f"module '{name}' of type {type(module).__module__}.{type(module).__qualname__} has trainable "
-                    f"parameter(s) [{what}] that ghost clipping cannot handle. Freeze them "
+                    f"parameter(s) [{', '.join(uncovered)}] that ghost clipping cannot handle. Freeze them "
                     "(requires_grad=False) or register a per-example norm function with "
                     "privtune.dp.layers.register_layer. Refusing to train with an unclipped gradient."
                 )
+            handler = hooked[name]
             if needs_probe(module):
                 probe_affine_norm(module, name)
             self._layers[name] = (module, handler)
