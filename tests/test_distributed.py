@@ -107,8 +107,7 @@ def test_two_processes_end_where_one_does(trained, name):
     assert not (two / "checkpoint").exists()
     assert sorted(p.name for p in two.iterdir()) == ["model", "privacy.json", "train_log.json", "train_metrics.json"]
     before = load_file(one.parent / "bert-nodrop" / "model.safetensors")  # training moved the parameters
-    moved = [float((w1[k] - before[k.removeprefix("bert.")]).abs().max()) for k in w1
-             if k.removeprefix("bert.") in before]
+    moved = [float((w1[k] - before[k]).abs().max()) for k in w1 if k in before]  # tiny BERT: saved as a masked LM
     assert moved and max(moved) > 100 * PARAMS_TOL["atol"]
 
 

@@ -37,6 +37,7 @@ def test_every_table_and_figure_exists_and_holds_numbers(tiny_run):
     assert (dp.epsilon_spent <= dp.eps.astype(float) * 1.0001).all()  # never above the target
     assert (dp.epsilon_spent >= dp.eps.astype(float) * 0.95).all()    # and the budget is used
     figs = [f"results/figures/{f}.png" for f in ("li2022_metric_vs_epsilon", "li2022_hparam_heatmap",
+                                                  "li2022_metric_vs_parameters",
                                                   "li2022_epsilon_vs_steps", "xu2021_child_tuning",
                                                   "xu2021_epsilon_vs_steps")] + ["results/benchmarks/clipping_cpu.png"]
     for fig in figs:
@@ -64,6 +65,30 @@ def test_report_holds_every_table_and_figure_with_captions(tiny_run):
     assert "Produced by" in html and "li2022-sst2-sweep" in html and "Preset <strong>tiny</strong>" in html
 
 
+def test_every_fine_tuning_method_trains_and_evaluates(tiny_run):
+    """full, LoRA, prefix, top2 and retrain on E2E under DP: each run's trainable-parameter count and noise
+    record, the methods table (with RGP's published row marked not run) and the adapter of the prefix run."""
+    work, _ = tiny_run
+    base = work / "results/li2022/e2e/tiny-llama"
+    counts = {}
+    for method in ("full", "lora", "prefix", "top2", "retrain"):
+        train = json.loads((base / method / "eps~8/seed~0/train_metrics.json").read_text())
+        metrics = json.loads((base / method / "eps~8/seed~0/metrics.json").read_text())
+        assert train["method"] == method and train["settings"]["method"] == method
+        assert train["noise_norm_mean"] > 0 and train["gradient_norm_mean"] > 0
+        assert metrics["trainable_parameters"] == train["trainable_parameters"]
+        assert {"bleu", "rouge_l"} <= set(metrics["metrics"])
+        counts[method] = train["trainable_parameters"]
+    assert counts["lora"] < counts["top2"] < counts["full"] == counts["retrain"]
+    assert counts["prefix"] < counts["full"]
+    assert (base / "prefix/eps~8/seed~0/model/prefix_adapter/adapter_config.json").exists()
+    md = (work / "results/tables/li2022.md").read_text()
+    section = md.split("fine-tuning methods")[1]
+    for method in ("full", "lora", "prefix", "top2", "retrain"):
+        assert f"| {method} " in section
+    assert "not run: RGP not implemented" in section
+
+
 def test_privacy_metadata_is_complete(tiny_run):
     work, _ = tiny_run
     rep = json.loads((work / "results/li2022/sst2/tiny-bert/full/eps~3/seed~0/privacy.json").read_text())
@@ -78,7 +103,8 @@ def test_second_run_does_nothing_and_one_setting_reruns_only_its_dependents(tiny
     out = subprocess.run([*SNAKEMAKE, "-n"], cwd=work, capture_output=True, text=True, env=env)
     assert out.returncode == 0 and "Nothing to be done" in out.stdout + out.stderr
     cfg = yaml.safe_load(open(work / "config/tiny.yaml"))
-    cfg["experiments"][2]["train"]["lr"] = 2e-3  # Child-Tuning's learning rate only
+    cola = next(e for e in cfg["experiments"] if e["name"] == "xu2021-cola")
+    cola["train"]["lr"] = 2e-3  # Child-Tuning's learning rate only
     (work / "config/tiny.yaml").write_text(yaml.safe_dump(cfg))
     out = subprocess.run([*SNAKEMAKE, "-n"], cwd=work, capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -120,7 +146,7 @@ def test_privacy_audit_covers_every_dp_run(tiny_run):
 
 @pytest.mark.parametrize("mutate,key", [
     (lambda c: c["experiments"][0]["train"].update(delta=1.5), "delta"),
-    (lambda c: c["experiments"][2]["child"].update(p_f=0), "p_f"),
+    (lambda c: next(e for e in c["experiments"] if e["name"] == "xu2021-cola")["child"].update(p_f=0), "p_f"),
     (lambda c: c["experiments"][0].update(models=["roberta-huge"]), "roberta-huge"),
     (lambda c: c["datasets"]["sst2"].update(train_size="all"), "train_size"),
 ])

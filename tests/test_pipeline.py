@@ -21,6 +21,11 @@ def load(name):
     return cfg
 
 
+def cola(cfg):
+    """The quick preset's non-private Child-Tuning experiment."""
+    return next(e for e in cfg["experiments"] if e["name"] == "xu2021-cola")
+
+
 def test_quick_preset_expands_to_both_papers():
     runs = expand_runs(load("config.yaml"))
     assert {r.paper for r in runs} == {"li2022", "xu2021"}
@@ -44,7 +49,7 @@ def test_run_settings_layering():
     (lambda c: c["experiments"][0].update(epsilons=[-1]), "epsilons"),
     (lambda c: c["experiments"][0]["train"].update(lr="fast"), "lr"),
     (lambda c: c["experiments"][0].update(task="imagenet"), "task"),
-    (lambda c: c["experiments"][2]["child"].update(p_d=1.5), "p_d"),
+    (lambda c: cola(c)["child"].update(p_d=1.5), "p_d"),
     (lambda c: c.update(threads=0), "threads"),
 ])
 def test_schema_rejects_bad_values_naming_the_key(mutate, key):
@@ -94,7 +99,7 @@ def test_invalid_config_fails_before_any_job(tmp_path):
 ])
 def test_child_tuning_mask_sources_are_checked_before_any_job(child, match):
     cfg = load("config.yaml")
-    cfg["experiments"].append({**cfg["experiments"][2], "name": "dp-ct", "epsilons": [8], "child": child})
+    cfg["experiments"].append({**cola(cfg), "name": "dp-ct", "epsilons": [8], "child": child})
     with pytest.raises(ValueError, match=match):
         expand_runs(cfg)
 
@@ -102,8 +107,8 @@ def test_child_tuning_mask_sources_are_checked_before_any_job(child, match):
 def test_mask_sources_have_their_own_rules_and_paths(tmp_path):
     work = copy_workflow(tmp_path)
     cfg = yaml.safe_load(open(work / "config.yaml"))
-    cfg["experiments"][2]["child"] = {"p_d": 0.3, "fisher_source": "public",
-                                      "public_data": {"task": "sst2", "split": "dev", "size": 200}}
+    cola(cfg)["child"] = {"p_d": 0.3, "fisher_source": "public",
+                          "public_data": {"task": "sst2", "split": "dev", "size": 200}}
     (work / "pub.yaml").write_text(yaml.safe_dump(cfg))
     out = subprocess.run([*SNAKEMAKE, "-n", "-p", "--configfile", "pub.yaml"], cwd=work, capture_output=True,
                          text=True, env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path)})
@@ -125,3 +130,48 @@ def test_a_preset_named_on_the_command_line_replaces_the_quick_preset(tmp_path):
     assert cfg["preset"] == "paper" and cfg["datasets"]["sst2"]["train_size"] is None
     assert cfg["datasets"]["e2e"]["eval_size"] is None and "minilm" not in cfg["models"]
     assert cfg["benchmark"]["in_report"] is False
+
+
+def test_fine_tuning_methods_reach_the_run_settings():
+    cfg = load("config.yaml")
+    runs = {(r.experiment, r.method, r.eps): r for r in expand_runs(cfg)}
+    lora = run_settings(cfg, runs[("li2022-e2e-methods", "lora", "8")])
+    assert lora["method"] == "lora" and lora["method_options"] == {"r": 8, "alpha": 16, "dropout": 0.0,
+                                                                   "target_modules": None}  # schema defaults
+    assert run_settings(cfg, runs[("li2022-e2e", "full", "8")])["method"] == "full"
+    assert "method" not in run_settings(cfg, runs[("xu2021-cola", "ct_f", "inf")])  # Child-Tuning's own
+    paper = expand_runs(load("config/paper.yaml"))
+    for task in ("e2e", "dart"):
+        assert {(r.method, r.eps) for r in paper if r.task == task and r.model == "gpt2"} == {
+            (m, e) for m in ("full", "lora", "prefix", "top2", "retrain") for e in ("3", "8", "inf")}
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"task": "stsb", "paper": "li2022"}, "regression"),
+    ({"methods": ["lora"]}, "not supported with objective: prompt"),
+    ({"prompt": {"label_words": ["a", "b", "c"]}}, "3 words; task sst2 has 2 labels"),
+])
+def test_prompt_objective_is_checked_before_any_job(change, match):
+    cfg = load("config/tiny.yaml")
+    exp = next(e for e in cfg["experiments"] if e["name"] == "li2022-sst2")
+    exp.update(change)
+    if exp["task"] == "stsb":
+        exp.pop("prompt")
+    with pytest.raises(ValueError, match=match):
+        expand_runs(cfg)
+
+
+def test_objective_and_mismatched_evaluation_reach_the_jobs():
+    from privtune.pipeline import data_spec, extra_eval_files
+
+    cfg = load("config/paper.yaml")
+    runs = expand_runs(cfg)
+    sst2 = next(r for r in runs if r.task == "sst2" and r.eps == "8" and not r.hparams)
+    assert run_settings(cfg, sst2)["objective"] == "prompt"
+    assert sst2.eval_spec(cfg)["meta"]["objective"] == "prompt"
+    assert extra_eval_files("mnli") == ["results/data/mnli/eval_mm.jsonl"] and extra_eval_files("sst2") == []
+    assert data_spec(cfg, "mnli", "eval_mm")["split"] == "dev_mismatched"
+    tiny = load("config/tiny.yaml")
+    assert data_spec(tiny, "mnli", "eval_mm") == data_spec(tiny, "mnli", "eval")  # the mirror has no mm
+    tiny["datasets"]["mnli"]["eval_mm_split"] = None
+    assert data_spec(tiny, "mnli", "eval_mm")["split"] == "test_mismatched"

@@ -140,7 +140,8 @@ def test_sweep_expands_to_grid_points_with_their_own_paths_and_settings():
         __getattr__ = dict.__getitem__
     wc = WC(paper="li2022", task="sst2", model="tiny-bert", method="full/bs~16_lr~0.003", eps="8", seed="0")
     assert Run.from_wildcards(cfg, wc) == r
-    assert paper_figures(expand_runs(cfg), "li2022") == ["metric_vs_epsilon", "hparam_heatmap", "epsilon_vs_steps"]
+    assert paper_figures(expand_runs(cfg), "li2022") == ["metric_vs_epsilon", "hparam_heatmap",
+                                                         "metric_vs_parameters", "epsilon_vs_steps"]
     assert paper_figures(expand_runs(cfg), "xu2021") == ["child_tuning", "epsilon_vs_steps"]
     text = provenance_text(cfg, "li2022")
     assert "li2022-sst2-sweep" in text and "sweep batch_size [8, 16]" in text and "xu2021" not in text

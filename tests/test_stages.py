@@ -258,3 +258,36 @@ def test_summary_table_gives_mean_and_spread_over_seeds():
     cola = table[table.task == "cola"].iloc[0]
     assert (cola.ct_d, cola.vanilla, cola.ct_f) == ("12.00 ± 2.00 (n=3)", "22.00 ± 2.00 (n=3)", "32.00 ± 2.00 (n=3)")
     assert table[table.task == "e2e"].iloc[0].full == "50.00 [paper: 63.19]"
+
+
+def test_prompt_objective_trains_under_dp_and_evaluates(tmp_path, tiny_models):
+    """objective: prompt end to end: the tiny masked LM trains under DP (the engine checks that every
+    parameter's gradient is seen, MLM head included), is saved with its head and evaluated by label words."""
+    from transformers import AutoModelForMaskedLM
+
+    from privtune.evaluate import evaluate
+
+    write_jsonl(tmp_path / "train.jsonl", SST)
+    prompt = {"label_words": ["-", "+"], "label_prefix": ""}  # one byte-level token each
+    s = RunSettings(kind="classification", task="sst2", objective="prompt", prompt=prompt, epsilon=8.0,
+                    batch_size=8, physical_batch_size=4, steps=2, lr=1e-3, max_length=32, delta=1e-3)
+    res = run(s, tiny_models / "bert", tmp_path / "train.jsonl", tmp_path / "run", progress=False)
+    assert res["privacy"]["epsilon"] <= 8.0
+    AutoModelForMaskedLM.from_pretrained(tmp_path / "run/model")  # the MLM head was saved
+    meta = {"paper": "li2022", "model": "tiny-bert", "method": "full", "eps": "8", "seed": 0, "num_labels": 2,
+            "objective": "prompt", "prompt": prompt, "max_length": 32}
+    row = evaluate(tmp_path / "run", tmp_path / "train.jsonl", tmp_path / "run/metrics.json", "classification",
+                   "sst2", meta)
+    assert 0.0 <= row["metrics"]["accuracy"] <= 1.0 and row["objective"] == "prompt"
+
+
+def test_prompt_objective_refuses_regression_and_unknown_objectives():
+    from privtune.objectives import objective
+    from privtune.prompting import PromptObjectiveError
+
+    with pytest.raises(PromptObjectiveError, match="classification task"):
+        objective("regression", "stsb", "prompt", 1)
+    with pytest.raises(PromptObjectiveError, match="classification task"):
+        objective("table2text", "e2e", "prompt")
+    with pytest.raises(ValueError, match="objective must be one of"):
+        objective("classification", "sst2", "mlm")

@@ -7,13 +7,19 @@ from pathlib import Path
 
 import torch
 
-from . import tasks
+from . import methods, tasks
 from .io import read_json, read_jsonl, write_atomic, write_json
-from .models import default_device, load_for_task, load_tokenizer
+from .models import default_device, load_tokenizer
+from .objectives import objective
 
 
 def evaluate(run_dir: Path, eval_file: Path, out_file: Path, kind: str, task: str, meta: dict,
-             generation: dict | None = None, metrics: list[str] | None = None, threads: int | None = None) -> dict:
+             generation: dict | None = None, metrics: list[str] | None = None, threads: int | None = None,
+             mismatched_file: Path | None = None) -> dict:
+    """Metrics of the run in ``run_dir`` on ``eval_file``, written to ``out_file`` (one table row).
+
+    ``mismatched_file`` (MNLI): a second evaluation set whose accuracy is reported as ``accuracy_mm``.
+    """
     from .metrics import classification_metrics, generation_metrics
 
     if threads:
@@ -21,7 +27,9 @@ def evaluate(run_dir: Path, eval_file: Path, out_file: Path, kind: str, task: st
     run_dir = Path(run_dir)
     device = default_device()
     tok = load_tokenizer(run_dir / "model")
-    model = load_for_task(run_dir / "model", kind, meta.get("num_labels", 2)).to(device)
+    obj = objective(kind, task, meta.get("objective", "head"), meta.get("num_labels", 2), meta.get("prompt"))
+    # a prefix-tuned run keeps its prefix as a peft adapter beside the base weights
+    model = methods.attach_adapter(obj.load(run_dir / "model"), run_dir / "model").to(device)
     records = read_jsonl(eval_file)
     t0 = time.perf_counter()
     if kind == "table2text":
@@ -32,9 +40,14 @@ def evaluate(run_dir: Path, eval_file: Path, out_file: Path, kind: str, task: st
                                     metrics=tuple(metrics or ("bleu", "rouge_l")))
     else:
         max_length = meta.get("max_length", 128)
-        enc = tasks.encode_classification(tok, records, max_length)
-        preds = tasks.predict_labels(model, enc, tok.pad_token_id, kind, device)
-        scores = classification_metrics(task, preds, [r["label"] for r in records])
+        def score(recs):
+            preds = obj.predict(model, obj.encode_for_eval(tok, recs, max_length), tok.pad_token_id, device)
+            return classification_metrics(task, preds, [r["label"] for r in recs])
+
+        scores = score(records)
+        if mismatched_file is not None:
+            mm = read_jsonl(mismatched_file)
+            scores["accuracy_mm"] = score(mm)["accuracy"]
     privacy = read_json(run_dir / "privacy.json")
     train = read_json(run_dir / "train_metrics.json")
     eps = privacy.get("epsilon")
@@ -46,9 +59,11 @@ def evaluate(run_dir: Path, eval_file: Path, out_file: Path, kind: str, task: st
         "delta": privacy.get("delta"),
         "noise_multiplier": privacy.get("noise_multiplier", 0.0),
         "trainable_parameters": train["trainable_parameters"],
+        "noise_to_signal": train.get("noise_to_signal"),
         "train_seconds": train["seconds"],
         "eval_seconds": time.perf_counter() - t0,
         "eval_examples": len(records),
+        **({"eval_examples_mm": len(read_jsonl(mismatched_file))} if mismatched_file is not None else {}),
     }
     write_json(out_file, row)
     return row

@@ -119,9 +119,32 @@ def _dequantise_gguf(folder: Path, gguf_file: str, out_dir: Path) -> None:
     tok.save_pretrained(out_dir)
 
 
+HUB_FILES = ["*.json", "*.txt", "*.model"]  # config, tokenizer (vocab, merges, sentencepiece)
+
+
+def _from_hub(name: str, hub_id: str, dest: Path) -> None:
+    """The checkpoint files of ``hub_id`` as published, every head included (RoBERTa's masked-LM head for
+    objective: prompt, BERT's pooler for Child-Tuning); safetensors, else PyTorch .bin weights."""
+    from huggingface_hub import snapshot_download
+    from transformers import AutoConfig
+
+    try:
+        path = Path(snapshot_download(hub_id, allow_patterns=[*HUB_FILES, "*.safetensors"]))
+        if not any(path.glob("*.safetensors")):
+            path = Path(snapshot_download(hub_id, allow_patterns=[*HUB_FILES, "*.bin"]))
+        shutil.copytree(path, dest, dirs_exist_ok=True)
+        AutoConfig.from_pretrained(dest)
+    except OSError as e:  # offline: huggingface_hub's LocalEntryNotFoundError is an OSError too
+        raise ModelPrepError(
+            f"model '{name}' loads '{hub_id}' from the Hugging Face Hub, which cannot be reached here ({e}). "
+            f"On a machine with internet run this rule there, or download the model folder and set "
+            f"models.{name}: {{source: path, path: /the/folder}} in the config."
+        ) from e
+
+
 def prepare_model(name: str, spec: dict, out_dir: Path, cache_dir: Path, seed: int = 0) -> dict:
     """Write model ``name`` described by ``spec`` (config.yaml ``models.NAME``) to ``out_dir``."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
 
     from .architectures import paper_config, tiny_config
 
@@ -146,7 +169,8 @@ def prepare_model(name: str, spec: dict, out_dir: Path, cache_dir: Path, seed: i
             torch.manual_seed(seed)
             tok = byte_tokenizer(spec["arch"])
             cfg = tiny_config(spec["arch"], vocab_size=len(tok), pad_token_id=tok.pad_token_id)
-            cls = AutoModelForCausalLM if spec["arch"] in ("gpt2", "llama") else AutoModel
+            # encoders with a masked-LM head, as the hub's RoBERTa/BERT checkpoints have (objective: prompt)
+            cls = AutoModelForCausalLM if spec["arch"] in ("gpt2", "llama") else AutoModelForMaskedLM
             cls.from_config(cfg).save_pretrained(tmp)
             tok.save_pretrained(tmp)
             info["arch"] = spec["arch"]
@@ -156,19 +180,8 @@ def prepare_model(name: str, spec: dict, out_dir: Path, cache_dir: Path, seed: i
             AutoModel.from_config(cfg).save_pretrained(tmp)
             info["shape"] = spec["shape"]
         elif source == "hub":
-            hub_id = spec["hub_id"]
-            try:
-                cfg = AutoConfig.from_pretrained(hub_id)
-                cls = AutoModelForCausalLM if cfg.model_type in ("gpt2", "llama") else AutoModel
-                cls.from_pretrained(hub_id).save_pretrained(tmp)
-                AutoTokenizer.from_pretrained(hub_id).save_pretrained(tmp)
-            except OSError as e:
-                raise ModelPrepError(
-                    f"model '{name}' loads '{hub_id}' from the Hugging Face Hub, which cannot be reached here ({e}). "
-                    f"On a machine with internet run this rule there, or download the model folder and set "
-                    f"models.{name}: {{source: path, path: /the/folder}} in the config."
-                ) from e
-            info["hub_id"] = hub_id
+            _from_hub(name, spec["hub_id"], tmp)
+            info["hub_id"] = spec["hub_id"]
         elif source == "path":
             src = Path(spec["path"])
             if not (src / "config.json").exists():

@@ -17,8 +17,7 @@ from dataclasses import dataclass
 
 from .child import CHILD_METHODS
 from .data.readers import task_info
-
-DP_METHODS = ("full",)
+from .methods import METHODS as DP_METHODS
 
 
 def canonical(obj):
@@ -99,6 +98,7 @@ class Run:
         return canonical({"kind": info["kind"], "task": self.task, "generation": e.get("generation", {}),
                 "metrics": e.get("eval_metrics"),
                 "meta": {"paper": self.paper, "model": self.model, "method": self.method, "eps": self.eps,
+                         "objective": e.get("objective", "head"), "prompt": e.get("prompt", {}),
                          "seed": self.seed, "experiment": self.experiment, "num_labels": info["num_labels"],
                          "variant": self.variant, "hparams": dict(self.hparams),
                          "max_length": config["datasets"][self.task].get("max_length", 128)}})
@@ -135,6 +135,20 @@ def _check_child(e: dict, config: dict) -> None:
             raise ValueError(f"{where}.public_data.task '{pub['task']}' has no entry under datasets: in the config")
 
 
+def _check_objective(e: dict) -> None:
+    """A prompt objective the experiment cannot use, refused before any job (names the experiment)."""
+    from .methods import MethodError, check_objective
+    from .objectives import objective
+
+    info = task_info(e["task"])
+    try:
+        objective(info["kind"], e["task"], e["objective"], info["num_labels"], e.get("prompt"))
+        for meth in e["methods"]:
+            check_objective(meth, e["objective"])
+    except (ValueError, MethodError) as err:
+        raise ValueError(f"experiment '{e['name']}': {err}") from err
+
+
 def expand_runs(config: dict) -> list[Run]:
     runs, seen = [], set()
     names = [e["name"] for e in config["experiments"]]
@@ -149,6 +163,8 @@ def expand_runs(config: dict) -> list[Run]:
                                  f"(defined: {sorted(config['models'])})")
         if "ct_d" in e["methods"]:
             _check_child(e, config)
+        if e.get("objective", "head") != "head":
+            _check_objective(e)
         allowed = CHILD_METHODS if e["paper"] == "xu2021" else DP_METHODS
         for meth in e["methods"]:
             if meth not in allowed:
@@ -183,9 +199,17 @@ def run_settings(config: dict, run: Run) -> dict:
     s.update(dict(run.hparams))
     if run.hparams and s.get("physical_batch_size", 32) > s["batch_size"]:
         s["physical_batch_size"] = s["batch_size"]
+    if e.get("objective", "head") != "head":
+        s.update(objective=e["objective"], prompt=e.get("prompt", {}))
     s.update(kind=info["kind"], num_labels=info["num_labels"], seed=run.seed, threads=config.get("threads"),
+             task=run.task,
              epsilon=None if not run.private else float(run.eps),
              max_length=config["datasets"][run.task].get("max_length", 128))
+    if run.method in DP_METHODS:
+        s["method"] = run.method
+        given = e.get("method_options", {}).get(run.method)
+        if given:
+            s["method_options"] = given
     child = e.get("child", {})
     if run.method in CHILD_METHODS:
         s["child"] = run.method
@@ -227,6 +251,19 @@ def fisher_settings(config: dict, task: str, model: str, source: str, p_d: float
                       "delta": train.get("delta", "auto"), "secure_noise": train.get("secure_noise", False)})
 
 
+MISMATCHED_TASKS = ("mnli",)
+
+
+def mismatched_split(ds: dict) -> str:
+    """MNLI's mismatched split: ``dev_mismatched`` of full GLUE, ``test_mismatched`` of the 16-shot data."""
+    return ds.get("eval_mm_split") or ("test_mismatched" if ds.get("k_shot_seed") is not None else "dev_mismatched")
+
+
+def extra_eval_files(task: str) -> list[str]:
+    """Evaluation files beyond ``eval.jsonl``: MNLI's mismatched set (its accuracy is ``accuracy_mm``)."""
+    return [f"results/data/{task}/eval_mm.jsonl"] if task in MISMATCHED_TASKS else []
+
+
 def data_spec(config: dict, task: str, part: str) -> dict:
     """What the ``prepare_data`` rule reads for ``part`` (train, eval, or ``public~SPLIT``) of ``task``."""
     ds = config["datasets"][task]
@@ -238,6 +275,8 @@ def data_spec(config: dict, task: str, part: str) -> dict:
         if len(sizes) > 1:
             raise ValueError(f"experiments name public data {task}/{split} with different sizes {sorted(sizes)}")
         size = sizes.pop() if sizes else None
+    elif part == "eval_mm":  # MNLI's mismatched evaluation set, beside the matched one (eval)
+        split, size = mismatched_split(ds), ds.get("eval_size")
     else:
         split, size = ds.get(f"{part}_split"), ds.get(f"{part}_size")
     return canonical({"split": split, "size": size, "seed": ds.get("sample_seed", 0),
@@ -252,6 +291,12 @@ def paper_figures(runs: list[Run], paper: str) -> list[str]:
         figures.append("child_tuning" if paper == "xu2021" else "metric_vs_epsilon")
     if any(r.hparams for r in mine):
         figures.append("hparam_heatmap")
+    methods: dict[tuple, set] = {}
+    for r in mine:
+        if not r.hparams and r.method in DP_METHODS:
+            methods.setdefault((r.task, r.model), set()).add(r.method)
+    if any(len(m) > 1 for m in methods.values()):  # a comparison of fine-tuning methods
+        figures.append("metric_vs_parameters")
     if any(r.private for r in mine):
         figures.append("epsilon_vs_steps")
     return figures

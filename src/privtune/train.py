@@ -40,12 +40,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpoint, child, distributed, tasks
+from . import checkpoint, child, distributed, methods
+from .objectives import objective
 from .dp import accounting, sampling
 from .dp.engine import GhostClipEngine
 from .dp.optimizer import build_optimizer, privatize_
 from .io import atomic_dir, read_json, read_jsonl, write_json
-from .models import default_device, load_for_task, load_tokenizer
+from .models import default_device, load_tokenizer
 
 NONFINITE_POLICIES = ("stop", "skip")
 
@@ -74,6 +75,11 @@ class RunSettings:
     sampling: str | None = None  # poisson | shuffle; default poisson under DP, shuffle otherwise
     accountant: str = "rdp"
     clipping_mode: str = "bk"  # bk | ghost
+    task: str | None = None  # sst2, e2e, ... (the prompt objective's template is per task)
+    objective: str = "head"  # head | prompt (privtune.objectives)
+    prompt: dict = field(default_factory=dict)  # prompt objective: template / label_words / label_prefix overrides
+    method: str = "full"  # full | lora | prefix | top2 | retrain (privtune.methods)
+    method_options: dict = field(default_factory=dict)  # e.g. {"r": 8, "alpha": 16} for lora
     child: str = "vanilla"  # vanilla | ct_f | ct_d
     p_f: float = 0.3
     child_strict: bool = False  # masked coordinates do not move at all (no momentum, no weight decay)
@@ -257,8 +263,10 @@ def run(settings: RunSettings, model_dir: Path, train_file: Path, out_dir: Path,
     _set_seed(s.seed)
     device = distributed.local_device() if world > 1 else default_device()
     tok = load_tokenizer(model_dir)
-    model = load_for_task(model_dir, s.kind, s.num_labels).to(device)
-    data = tasks.encode(tok, read_jsonl(train_file), s.kind, s.max_length)
+    obj = objective(s.kind, s.task, s.objective, s.num_labels, s.prompt)
+    model = methods.apply(obj.load(model_dir), s.method, s.kind, s.method_options, seed=s.seed,
+                          objective=s.objective).to(device)
+    data = obj.encode(tok, read_jsonl(train_file), s.max_length)
     if not data:
         raise ValueError(f"{train_file} holds no training examples (after encoding with max_length={s.max_length})")
 
@@ -316,21 +324,21 @@ def run(settings: RunSettings, model_dir: Path, train_file: Path, out_dir: Path,
         losses_sum, count = 0.0, 0
         for lo in range(0, len(shard), s.physical_batch_size):
             chunk = [data[i] for i in shard[lo: lo + s.physical_batch_size]]
-            batch = tasks.collate(chunk, tok.pad_token_id, s.kind, device)
+            batch = obj.collate(chunk, tok.pad_token_id, device)
             if plan.private:
                 with engine.capture(batch_size=len(chunk)), _autocast(s.precision, device):
-                    losses = tasks.per_example_loss(model, batch, s.kind)
+                    losses = obj.loss(model, batch)
                 if s.verify_engine and not state["verified"]:
                     # once: every parameter's gradient flows through hooked layers (bf16 autograd
                     # gradients carry ~1e-2 relative rounding, hence the looser tolerance there)
                     engine.verify(losses, rtol=1e-3 if s.precision == "fp32" else 5e-2)
                     state["verified"] = True
                     with engine.capture(batch_size=len(chunk)), _autocast(s.precision, device):
-                        losses = tasks.per_example_loss(model, batch, s.kind)
+                        losses = obj.loss(model, batch)
                 engine.backward(losses)
             else:
                 with _autocast(s.precision, device):
-                    losses = tasks.per_example_loss(model, batch, s.kind)
+                    losses = obj.loss(model, batch)
                 (losses.sum() / len(idx)).backward()
             losses_sum += float(losses.detach().sum())
             count += len(chunk)
@@ -388,17 +396,22 @@ def run(settings: RunSettings, model_dir: Path, train_file: Path, out_dir: Path,
         if not main:
             return {}
 
+    total = methods.count_parameters(model)[1]
     with atomic_dir(out_dir / "model") as tmp:
-        model.save_pretrained(tmp)
+        methods.save_trained(model, s.method, tmp)
         tok.save_pretrained(tmp)
     report = privacy_record(plan, s, mask_file, state["skipped"], mask_info)
     noise, grads = state["noise_norms"], state["grad_norms"]
     train_metrics = {
         "steps": plan.steps, "final_loss": state["log"][-1]["loss"], "seconds": elapsed,
         "seconds_per_step": elapsed / plan.steps,
-        "trainable_parameters": int(sum(p.numel() for p in params)), "device": str(device), "world_size": world,
+        "trainable_parameters": int(sum(p.numel() for p in params)), "total_parameters": total,
+        "method": s.method, "device": str(device), "world_size": world,
         "settings": asdict(s), "skipped_steps": state["skipped"], "segments": state["segments"],
+        # ‖noise‖ / ‖clipped gradient‖ of the averaged update, mean over steps: grows with the dimension
         "noise_to_signal": (float(np.mean(noise) / max(1e-12, np.mean(grads))) if plan.private else 0.0),
+        "noise_norm_mean": float(np.mean(noise)) if plan.private else 0.0,
+        "gradient_norm_mean": float(np.mean(grads)) if plan.private else None,
         "peak_memory_bytes": (torch.cuda.max_memory_allocated() if device.type == "cuda" else None),
     }
     write_json(out_dir / "train_log.json", state["log"])

@@ -1,7 +1,7 @@
 # Expand config.yaml's experiments into runs, and helpers the rules share.
 
 from privtune.pipeline import Run, canonical, data_spec, expand_runs, fisher_data, fisher_settings, run_settings
-from privtune.pipeline import paper_figures
+from privtune.pipeline import extra_eval_files, paper_figures
 from privtune.pipeline import provenance_text as _provenance_text
 
 RUNS = expand_runs(config)
@@ -12,7 +12,7 @@ wildcard_constraints:
     eps=r"inf|[0-9]+(\.[0-9]+)?",
     seed=r"\d+",
     method=r"[a-z_0-9]+(/bs~[0-9]+_lr~[0-9.e+-]+)?",
-    part=r"train|eval|public~[a-z_]+",
+    part=r"train|eval|eval_mm|public~[a-z_]+",
     source=r"train|dp-eps[0-9.e+-]+|public-[a-z0-9]+-[a-z_]+",
     pd=r"[0-9.]+",
     paper=r"li2022|xu2021",

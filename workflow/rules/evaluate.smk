@@ -3,6 +3,7 @@ rule evaluate:
         model="results/{paper}/{task}/{model}/{method}/eps~{eps}/seed~{seed}/model",
         privacy="results/{paper}/{task}/{model}/{method}/eps~{eps}/seed~{seed}/privacy.json",
         eval="results/data/{task}/eval.jsonl",
+        mismatched=lambda wc: extra_eval_files(wc.task),
     output:
         "results/{paper}/{task}/{model}/{method}/eps~{eps}/seed~{seed}/metrics.json",
     log:

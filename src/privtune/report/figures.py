@@ -6,6 +6,9 @@ Every function takes its input files and the PNG path (the SVG goes beside it):
   non-private as dashed lines, the paper's values as crosses;
 * ``hparam_heatmap``: the DP batch size × learning rate sweep (Li et al.'s heatmap);
 * ``child_tuning``: per-task bars of vanilla, CT_F, CT_D with the spread over seeds;
+* ``metric_vs_parameters``: Li et al.'s "dimension does not explain it" plot: the metric of each
+  fine-tuning method (full, LoRA, prefix, top2, retrain) against its trainable-parameter count, a
+  line per ε, with the paper's values for the same methods;
 * ``epsilon_vs_steps``: ε spent against training steps for every DP run, from its privacy.json;
 * ``benchmark``: step time and peak memory against model size (non-private, ours, Opacus).
 """
@@ -111,6 +114,48 @@ def hparam_heatmap(inputs, out_png) -> None:
         fig.colorbar(im, ax=ax, label=MAIN_METRIC.get(task, "metric"))
     if not groups:
         _empty(axes[0], "no sweep in the config (experiments[].sweep)")
+    fig.tight_layout()
+    save_png_svg(fig, out_png)
+
+
+METHOD_MARKERS = {"full": "o", "lora": "s", "prefix": "^", "top2": "D", "retrain": "v"}
+
+
+def metric_vs_parameters(inputs, out_png) -> None:
+    """One panel per (task, model): each method's metric against its trainable parameters (log x), a
+    line per ε joining the methods in order of size; the paper's value for each method in the legend."""
+    df = main_runs(_main_metric_rows(inputs[0]))
+    df = df[df.method.isin(list(METHOD_MARKERS))].dropna(subset=["trainable_parameters"])
+    groups = [(k, g) for k, g in df.groupby(["task", "model"]) if g.method.nunique() > 1]  # a comparison
+    fig, axes = _panels(len(groups), width=6.4, height=4.4)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, ((task, model), g) in zip(axes, groups):
+        notes = []
+        for i, (eps, ge) in enumerate(sorted(g.groupby("eps"), key=lambda kv: float(kv[0]))):
+            stats = ge.groupby("method").agg(x=("trainable_parameters", "first"), y=("ours", "mean"),
+                                             sd=("ours", "std")).sort_values("x")
+            c = colors[i % len(colors)]
+            label = "non-private" if eps == "inf" else f"ε = {eps}"
+            ax.plot(stats.x, stats.y, color=c, alpha=0.5, ls="--" if eps == "inf" else "-", label=label)
+            for j, (method, r) in enumerate(stats.iterrows()):
+                ax.errorbar(r.x, r.y, yerr=0 if math.isnan(r.sd) else r.sd, color=c, capsize=3,
+                            marker=METHOD_MARKERS[method], ls="none")
+                ax.annotate(f"{method} {r.y:.1f}", (r.x, r.y), textcoords="offset points", fontsize=7, color=c,
+                            xytext=(5, 4 + 9 * (j % 3) - 12 * i))  # staggered: equal sizes (full, retrain)
+            pub = ge.dropna(subset=["published"]).drop_duplicates("method")
+            if len(pub):
+                notes.append(f"paper ({pub.published_model.iloc[0]}, {label}): " + ", ".join(
+                    f"{m} {v:g}" for m, v in zip(pub.method, pub.published)))
+        ax.set_xscale("log")
+        if notes:
+            ax.text(0.01, 0.01, "\n".join(notes), transform=ax.transAxes, fontsize=6, va="bottom", wrap=True)
+        ax.set_xlabel("trainable parameters")
+        ax.set_ylabel(MAIN_METRIC.get(task, "metric"))
+        ax.set_title(f"{task} · {model}: fine-tuning methods")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if not groups:
+        _empty(axes[0], "no runs of the fine-tuning methods (full, lora, prefix, top2, retrain)")
     fig.tight_layout()
     save_png_svg(fig, out_png)
 
@@ -222,4 +267,5 @@ def benchmark(inputs, out_png) -> None:
 
 
 FIGURES = {"metric_vs_epsilon": metric_vs_epsilon, "hparam_heatmap": hparam_heatmap,
+           "metric_vs_parameters": metric_vs_parameters,
            "child_tuning": child_tuning_bars, "epsilon_vs_steps": epsilon_vs_steps, "benchmark": benchmark}

@@ -17,9 +17,9 @@ from ..io import read_json, write_atomic
 
 PERCENT = {"accuracy", "accuracy_mm", "f1", "mcc", "pearson", "spearman"}
 COLUMNS = ["task", "model", "method", "variant", "batch_size", "lr", "eps", "seed", "metric", "ours",
-           "epsilon_spent", "noise_multiplier", "trainable_parameters",
+           "epsilon_spent", "noise_multiplier", "trainable_parameters", "noise_to_signal",
            "published", "published_model", "published_source"]
-METHOD_ORDER = ["full", "vanilla", "ct_f", "ct_d"]
+METHOD_ORDER = ["full", "lora", "rgp", "prefix", "top2", "retrain", "vanilla", "ct_f", "ct_d"]
 METRIC_ORDER = ["accuracy", "accuracy_mm", "f1", "mcc", "pearson", "spearman",
                 "bleu", "nist", "meteor", "rouge_l", "cider"]
 TASK_NAMES = {"sst2": "SST-2", "qnli": "QNLI", "mnli": "MNLI", "qqp": "QQP", "cola": "CoLA", "rte": "RTE",
@@ -71,7 +71,8 @@ def collect(metric_files) -> pd.DataFrame:
                          "eps": str(m["eps"]), "seed": int(m["seed"]), "metric": name, "ours": round(v, 2),
                          "epsilon_spent": None if m.get("epsilon_spent") is None else round(m["epsilon_spent"], 3),
                          "noise_multiplier": round(m.get("noise_multiplier") or 0.0, 4),
-                         "trainable_parameters": m.get("trainable_parameters")})
+                         "trainable_parameters": m.get("trainable_parameters"),
+                         "noise_to_signal": None if m.get("noise_to_signal") is None else round(m["noise_to_signal"], 3)})
     return pd.DataFrame(rows)
 
 
@@ -159,6 +160,41 @@ def paper_table(df: pd.DataFrame, paper: str, layout: Layout) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["source", "model", "method", "ε", *header])
 
 
+FINE_TUNING_METHODS = ("full", "lora", "rgp", "prefix", "top2", "retrain")
+NOT_IMPLEMENTED = {"rgp": "not run: RGP not implemented"}
+
+
+def methods_table(df: pd.DataFrame, paper: str) -> pd.DataFrame:
+    """Li et al.'s comparison of fine-tuning methods (their E2E table): per task and model that ran more than
+    one method, a row per method with its trainable parameters and, per ε, ours beside the paper's value.
+    Methods the paper has and we do not run (RGP) keep their row, saying so."""
+    ours = main_runs(df)
+    ours = ours[ours.method.isin(FINE_TUNING_METHODS)]
+    pub = published(paper)
+    rows = []
+    for (task, model), g in ours.groupby(["task", "model"]):
+        if g.method.nunique() < 2:
+            continue
+        metric = _order(g.metric, METRIC_ORDER)[0]
+        g = g[g.metric == metric]
+        p = pub[(pub.task == task) & (pub.metric == metric) & pub.method.isin(FINE_TUNING_METHODS)]
+        epsilons = sorted(set(g.eps) | set(p.epsilon), key=_eps_key)
+        for method in _order(set(g.method) | set(p.method), list(FINE_TUNING_METHODS)):
+            gm, pm = g[g.method == method], p[p.method == method]
+            params = gm.trainable_parameters.dropna()
+            ratio = gm[gm.eps != "inf"].noise_to_signal.dropna()
+            row = {"task": TASK_NAMES.get(task, task), "model": model, "method": method,
+                   "trainable parameters": f"{int(params.iloc[0]):,}" if len(params) else "",
+                   "noise norm / gradient norm (DP)": f"{ratio.mean():.3g}" if len(ratio) else ""}
+            for e in epsilons:
+                hit, ph = gm[gm.eps == e], pm[pm.epsilon == e]
+                row[f"ours {METRIC_NAMES.get(metric, metric)} ε={_eps_label(e)}"] = (
+                    _cell(hit, published=False) if len(hit) else NOT_IMPLEMENTED.get(method, ""))
+                row[f"paper ε={_eps_label(e)}"] = (f"{ph.value.iloc[0]:g} ({ph.model.iloc[0]})" if len(ph) else "")
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def _latex(table: pd.DataFrame, caption: str, label: str) -> str:
     body = table.to_latex(index=False, escape=True, caption=caption, label=label, position="ht")
     return body.replace("±", r"$\pm$").replace("ε", r"$\varepsilon$")
@@ -190,6 +226,11 @@ def write_tables(metric_files, paper: str, md_path, csv_path, tex_path=None) -> 
             continue
         md += [f"## {layout.title}", "", table.to_markdown(index=False), ""]
         tex.append(_latex(table, layout.title, f"tab:{paper}-{layout.name}"))
+    methods = methods_table(df, paper) if paper == "li2022" else pd.DataFrame()
+    if not methods.empty:
+        title_m = "Li et al. 2022, fine-tuning methods (E2E table layout): trainable parameters and metric per ε"
+        md += [f"## {title_m}", "", methods.to_markdown(index=False), ""]
+        tex.append(_latex(methods, title_m, f"tab:{paper}-methods"))
     if not main.empty:
         md += ["## Summary: mean ± standard deviation over seeds, paper's value in brackets", "",
                summary(main).to_markdown(index=False), ""]
