@@ -65,6 +65,24 @@ def test_report_holds_every_table_and_figure_with_captions(tiny_run):
     assert "Produced by" in html and "li2022-sst2-sweep" in html and "Preset <strong>tiny</strong>" in html
 
 
+def test_every_task_of_both_papers_trains_and_evaluates(tiny_run):
+    """Each task with its metrics: QQP/MRPC F1, MNLI also on its "mismatched" file, STS-B correlations
+    from a regression head, DART from its XML test file; QNLI and MNLI with the prompt objective."""
+    work, _ = tiny_run
+    want = {"sst2": {"accuracy"}, "qnli": {"accuracy"}, "mnli": {"accuracy", "accuracy_mm"},
+            "qqp": {"accuracy", "f1"}, "e2e": {"bleu", "rouge_l"}, "dart": {"bleu", "rouge_l"},
+            "cola": {"mcc", "accuracy"}, "rte": {"accuracy"}, "mrpc": {"accuracy", "f1"},
+            "stsb": {"pearson", "spearman"}}
+    for task, metrics in want.items():
+        files = list(work.glob(f"results/*/{task}/*/*/eps~*/seed~0/metrics.json"))
+        assert files, task
+        row = json.loads(files[0].read_text())
+        assert metrics <= set(row["metrics"]), (task, row["metrics"])
+        assert all(isinstance(v, float) for v in row["metrics"].values())
+    mnli = json.loads(next(work.glob("results/li2022/mnli/*/full/eps~8/seed~0/metrics.json")).read_text())
+    assert mnli["objective"] == "prompt" and mnli["eval_examples_mm"] == mnli["eval_examples"] == 48
+
+
 def test_every_fine_tuning_method_trains_and_evaluates(tiny_run):
     """full, LoRA, prefix, top2 and retrain on E2E under DP: each run's trainable-parameter count and noise
     record, the methods table (with RGP's published row marked not run) and the adapter of the prefix run."""

@@ -147,9 +147,7 @@ def metric_vs_parameters(inputs, out_png) -> None:
                 notes.append(f"paper ({pub.published_model.iloc[0]}, {label}): " + ", ".join(
                     f"{m} {v:g}" for m, v in zip(pub.method, pub.published)))
         ax.set_xscale("log")
-        if notes:
-            ax.text(0.01, 0.01, "\n".join(notes), transform=ax.transAxes, fontsize=6, va="bottom", wrap=True)
-        ax.set_xlabel("trainable parameters")
+        ax.set_xlabel("\n".join(["trainable parameters", *notes]), fontsize=8)  # the paper's values beneath
         ax.set_ylabel(MAIN_METRIC.get(task, "metric"))
         ax.set_title(f"{task} · {model}: fine-tuning methods")
         ax.grid(alpha=0.3)
