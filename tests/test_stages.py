@@ -276,9 +276,12 @@ def test_prompt_objective_trains_under_dp_and_evaluates(tmp_path, tiny_models):
     AutoModelForMaskedLM.from_pretrained(tmp_path / "run/model")  # the MLM head was saved
     meta = {"paper": "li2022", "model": "tiny-bert", "method": "full", "eps": "8", "seed": 0, "num_labels": 2,
             "objective": "prompt", "prompt": prompt, "max_length": 32}
+    write_jsonl(tmp_path / "other.jsonl", SST[:6])  # a second evaluation set, as MNLI's mismatched one
     row = evaluate(tmp_path / "run", tmp_path / "train.jsonl", tmp_path / "run/metrics.json", "classification",
-                   "sst2", meta)
+                   "sst2", meta, mismatched_file=tmp_path / "other.jsonl")
     assert 0.0 <= row["metrics"]["accuracy"] <= 1.0 and row["objective"] == "prompt"
+    assert 0.0 <= row["metrics"]["accuracy_mm"] <= 1.0
+    assert (row["eval_examples"], row["eval_examples_mm"]) == (len(SST), 6)
 
 
 def test_prompt_objective_refuses_regression_and_unknown_objectives():

@@ -30,7 +30,7 @@ def evaluate(run_dir: Path, eval_file: Path, out_file: Path, kind: str, task: st
     obj = objective(kind, task, meta.get("objective", "head"), meta.get("num_labels", 2), meta.get("prompt"))
     # a prefix-tuned run keeps its prefix as a peft adapter beside the base weights
     model = methods.attach_adapter(obj.load(run_dir / "model"), run_dir / "model").to(device)
-    records = read_jsonl(eval_file)
+    records, mismatched = read_jsonl(eval_file), None
     t0 = time.perf_counter()
     if kind == "table2text":
         g = dict(generation or {})
@@ -41,13 +41,13 @@ def evaluate(run_dir: Path, eval_file: Path, out_file: Path, kind: str, task: st
     else:
         max_length = meta.get("max_length", 128)
         def score(recs):
-            preds = obj.predict(model, obj.encode_for_eval(tok, recs, max_length), tok.pad_token_id, device)
+            preds = obj.predict(model, obj.encode(tok, recs, max_length), tok.pad_token_id, device)
             return classification_metrics(task, preds, [r["label"] for r in recs])
 
         scores = score(records)
         if mismatched_file is not None:
-            mm = read_jsonl(mismatched_file)
-            scores["accuracy_mm"] = score(mm)["accuracy"]
+            mismatched = read_jsonl(mismatched_file)
+            scores["accuracy_mm"] = score(mismatched)["accuracy"]
     privacy = read_json(run_dir / "privacy.json")
     train = read_json(run_dir / "train_metrics.json")
     eps = privacy.get("epsilon")
@@ -63,7 +63,7 @@ def evaluate(run_dir: Path, eval_file: Path, out_file: Path, kind: str, task: st
         "train_seconds": train["seconds"],
         "eval_seconds": time.perf_counter() - t0,
         "eval_examples": len(records),
-        **({"eval_examples_mm": len(read_jsonl(mismatched_file))} if mismatched_file is not None else {}),
+        **({"eval_examples_mm": len(mismatched)} if mismatched is not None else {}),
     }
     write_json(out_file, row)
     return row

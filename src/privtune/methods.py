@@ -27,12 +27,12 @@ prefix has its own output rows and its gradient is exact. ``tests/test_methods.p
 checks all of them against brute-force per-example gradients. Frozen parameters get
 no hooks, no norms and no per-example state.
 
-A method that leaves no parameter to train (``top2`` with ``layers: 0`` and
-``head: false``, LoRA target modules that match nothing) is a :class:`MethodError`.
+A method that leaves no parameter to train (a model loaded with every parameter frozen, a
+model with nothing above its blocks under ``top2`` with ``layers: 0``) is a :class:`MethodError`,
+as are LoRA target modules that match nothing.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -73,12 +73,10 @@ def check_objective(method: str, objective: str) -> None:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; a parameter shared by several modules counts once."""
-    seen: dict[int, nn.Parameter] = {}
-    for p in model.parameters():
-        seen.setdefault(id(p), p)
-    trainable = sum(p.numel() for p in seen.values() if p.requires_grad)
-    return trainable, sum(p.numel() for p in seen.values())
+    """(trainable, total) parameter counts; a parameter shared by several modules (a tied head) counts once,
+    as ``parameters()`` yields it once."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
 def _peft_task_type(kind: str):
@@ -131,7 +129,7 @@ def _top(model: nn.Module, o: dict) -> nn.Module:
     if not 0 <= k <= len(blocks):
         raise MethodError(f"method_options.top2.layers = {k}, but the model has {len(blocks)} blocks")
     model.requires_grad_(False)
-    for block in list(blocks)[len(blocks) - k:] if k else []:
+    for block in list(blocks)[len(blocks) - k:]:  # k = 0: none
         block.requires_grad_(True)
     # above the blocks: final norm, pooler, classifier, an untied LM head
     for name, module in model.named_modules():
@@ -174,7 +172,7 @@ def apply(model: nn.Module, method: str, kind: str, given: dict | None = None, s
 
 
 def save_trained(model: nn.Module, method: str, out: Path) -> None:
-    """Write a trained model so that :func:`load_trained` (and plain ``from_pretrained``) reads it.
+    """Write a trained model that ``from_pretrained`` reads (then :func:`attach_adapter` for a prefix).
 
     LoRA adapters are merged into the weights (the result is an ordinary model of the base
     architecture); a prefix cannot be merged, so its peft adapter goes into ``ADAPTER_DIR``
@@ -188,7 +186,6 @@ def save_trained(model: nn.Module, method: str, out: Path) -> None:
         model.save_pretrained(out / ADAPTER_DIR)
     else:
         model.save_pretrained(out)
-    (out / "privtune_method.json").write_text(json.dumps({"method": method}))
 
 
 def attach_adapter(model: nn.Module, model_dir: Path) -> nn.Module:

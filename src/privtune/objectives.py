@@ -77,12 +77,6 @@ class Objective:
             return prompting.predict_prompt(model, encoded, pad_id, device)
         return tasks.predict_labels(model, encoded, pad_id, self.kind, device)
 
-    def encode_for_eval(self, tokenizer, records: list[dict], max_length: int) -> list:
-        """Evaluation examples: one per record (the head objective's classification encoding)."""
-        if self.name == "prompt":
-            return self.encode(tokenizer, records, max_length)
-        return tasks.encode_classification(tokenizer, records, max_length)
-
 
 def objective(kind: str, task: str | None = None, name: str = "head", num_labels: int = 2,
               prompt: dict | None = None) -> Objective:

@@ -41,12 +41,12 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint, child, distributed, methods
-from .objectives import objective
 from .dp import accounting, sampling
 from .dp.engine import GhostClipEngine
 from .dp.optimizer import build_optimizer, privatize_
 from .io import atomic_dir, read_json, read_jsonl, write_json
 from .models import default_device, load_tokenizer
+from .objectives import objective
 
 NONFINITE_POLICIES = ("stop", "skip")
 
@@ -401,7 +401,8 @@ def run(settings: RunSettings, model_dir: Path, train_file: Path, out_dir: Path,
         methods.save_trained(model, s.method, tmp)
         tok.save_pretrained(tmp)
     report = privacy_record(plan, s, mask_file, state["skipped"], mask_info)
-    noise, grads = state["noise_norms"], state["grad_norms"]
+    noise = float(np.mean(state["noise_norms"])) if plan.private else 0.0
+    grads = float(np.mean(state["grad_norms"])) if plan.private else None
     train_metrics = {
         "steps": plan.steps, "final_loss": state["log"][-1]["loss"], "seconds": elapsed,
         "seconds_per_step": elapsed / plan.steps,
@@ -409,9 +410,8 @@ def run(settings: RunSettings, model_dir: Path, train_file: Path, out_dir: Path,
         "method": s.method, "device": str(device), "world_size": world,
         "settings": asdict(s), "skipped_steps": state["skipped"], "segments": state["segments"],
         # ‖noise‖ / ‖clipped gradient‖ of the averaged update, mean over steps: grows with the dimension
-        "noise_to_signal": (float(np.mean(noise) / max(1e-12, np.mean(grads))) if plan.private else 0.0),
-        "noise_norm_mean": float(np.mean(noise)) if plan.private else 0.0,
-        "gradient_norm_mean": float(np.mean(grads)) if plan.private else None,
+        "noise_to_signal": noise / max(1e-12, grads) if plan.private else 0.0,
+        "noise_norm_mean": noise, "gradient_norm_mean": grads,
         "peak_memory_bytes": (torch.cuda.max_memory_allocated() if device.type == "cuda" else None),
     }
     write_json(out_dir / "train_log.json", state["log"])
