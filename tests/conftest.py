@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("PRIVTUNE_DATA_DIR", ROOT.parent / "shared" / "data"))
+DATA = Path(os.environ.get("PRIVTUNE_DATA_DIR", ROOT.parent / "shared" / "data")).resolve()  # tests run Snakemake elsewhere
 
 
 @pytest.fixture
