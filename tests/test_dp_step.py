@@ -111,3 +111,19 @@ def test_strict_child_tuning_freezes_masked_coordinates_that_weight_decay_and_mo
                                            ("classifier.weight", False), ("bert.pooler.dense.weight", False)])
 def test_encoder_layer_selection(name, expected):
     assert is_encoder_layer(name) is expected
+
+
+def test_privatize_draws_the_same_noise_as_one_randn_per_parameter():
+    """The CPU path draws in chunks into a reused buffer; the values must equal a plain randn per parameter."""
+    from privtune.dp.optimizer import NOISE_CHUNK
+
+    shapes = [(2,), (5,), (NOISE_CHUNK * 2 + 7,), (NOISE_CHUNK + 16,), (300, 77)]
+    params = [nn.Parameter(torch.zeros(s)) for s in shapes]
+    for p in params:
+        p.grad = torch.full_like(p, 0.5)
+    privatize_(params, noise_multiplier=0.7, clip_norm=0.3, expected_batch_size=4,
+               generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    for p in params:
+        want = (0.5 + torch.randn(p.shape, generator=g) * (0.7 * 0.3)) / 4
+        assert torch.equal(p.grad, want), p.shape

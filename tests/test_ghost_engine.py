@@ -244,3 +244,69 @@ def test_verify_passes_on_whole_float32_models(arch):
         logits = model(input_ids=ids, attention_mask=mask).logits.float()
         losses = logits.flatten(1).pow(2).mean(1)
     eng.verify(losses)
+
+
+class InPlace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+
+    def forward(self, x):
+        h = self.lin(x)
+        h.mul_(2.0)  # the gradient the hook would see is no longer the layer output's
+        return h
+
+
+def test_a_layer_output_modified_in_place_is_refused_under_capture():
+    m = InPlace()
+    m(torch.randn(B, T, 3))  # fine without the engine
+    eng = GhostClipEngine(m, clip_norm=1.0)
+    with pytest.raises(RuntimeError, match="modified inplace"):
+        with eng.capture():
+            m(torch.randn(B, T, 3))
+
+
+def test_the_engine_keeps_no_layer_output_alive():
+    """Only the layer inputs are kept for book-keeping; an output the graph does not save is freed at once."""
+    import weakref
+
+    lin = nn.Linear(3, 5)
+    seen = []
+    lin.register_forward_hook(lambda mod, args, out: seen.append(weakref.ref(out)))  # runs before the engine's
+    eng = GhostClipEngine(lin, clip_norm=1.0)
+    with eng.capture():
+        losses = lin(torch.randn(B, T, 3)).sum((1, 2))  # sum saves no tensor
+    assert seen and seen[0]() is None
+    norms = eng.backward(losses)  # and the gradients still arrive through the tap
+    assert norms.shape == (B,) and lin.weight.grad is not None and lin.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_micro_batches_accumulate_into_the_gradient(dtype):
+    """A second physical batch adds its clipped sum to p.grad (in place when the dtypes allow it,
+    through a float32 sum for bf16 parameters); the tied embedding has two contributions to add."""
+    torch.manual_seed(6)
+    m = TiedLM()
+    xs = [torch.randint(0, 13, (B, T)) for _ in range(2)]
+
+    def clipped_sum(model, x):
+        eng = GhostClipEngine(model, clip_norm=0.5)
+        with eng.capture(batch_size=B):
+            losses = torch.nn.functional.cross_entropy(model(x).transpose(1, 2).double(), x, reduction="none").sum(1)
+        eng.backward(losses)
+        eng.detach()
+        return eng.params
+
+    want = None
+    for x in xs:  # reference: each batch alone, summed outside the engine
+        m.zero_grad(set_to_none=True)
+        params = clipped_sum(m, x)
+        want = [p.grad.clone() for p in params] if want is None else [w + p.grad for w, p in zip(want, params)]
+    m = m.to(dtype)
+    m.zero_grad(set_to_none=True)
+    for x in xs:
+        params = clipped_sum(m, x)
+    tol = dict(rtol=1e-12, atol=1e-14) if dtype == torch.float64 else dict(rtol=2e-2, atol=2e-2)
+    for p, w in zip(params, want):
+        assert p.grad.dtype == dtype
+        torch.testing.assert_close(p.grad, w.to(dtype), **tol)

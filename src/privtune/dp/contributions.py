@@ -51,6 +51,14 @@ class OuterSum:
         return self.v.shape[0]
 
     @property
+    def dtype(self) -> torch.dtype:
+        return self.v.dtype
+
+    @property
+    def sum_shape(self) -> tuple[int, ...]:
+        return (self.rows, self.cols)
+
+    @property
     def length(self) -> int:
         return self.v.shape[1]
 
@@ -73,12 +81,18 @@ class OuterSum:
         out = self.v.new_zeros(self.batch, self.rows, self.cols)
         return out.scatter_add_(1, self.u_idx.unsqueeze(-1).expand_as(self.v), self.v)
 
-    def weighted_sum(self, weights: Tensor) -> Tensor:
-        """``Σ_b w_b G_b`` (rows, cols) without per-example gradients (book-keeping)."""
+    def weighted_sum(self, weights: Tensor, out: Tensor | None = None) -> Tensor:
+        """``Σ_b w_b G_b`` (rows, cols) without per-example gradients (book-keeping).
+
+        With ``out`` (rows, cols) the sum is added into it in place (no temporary of the
+        parameter's size: a tied GPT-2 embedding's two contributions are 154 MB each).
+        """
         v = (self.v * weights.to(self.v.dtype).view(-1, 1, 1)).reshape(-1, self.cols)
         if self.u is not None:
-            return self.u.reshape(-1, self.rows).transpose(0, 1) @ v
-        out = v.new_zeros(self.rows, self.cols)
+            u = self.u.reshape(-1, self.rows).transpose(0, 1)
+            return u @ v if out is None else out.addmm_(u, v)
+        if out is None:
+            out = v.new_zeros(self.rows, self.cols)
         return out.index_add_(0, self.u_idx.reshape(-1), v)
 
 
@@ -95,11 +109,20 @@ class Direct:
     def batch(self) -> int:
         return self.grad.shape[0]
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.grad.dtype
+
+    @property
+    def sum_shape(self) -> tuple[int, ...]:
+        return tuple(self.grad.shape[1:])
+
     def instantiate(self) -> Tensor:
         return self.grad
 
-    def weighted_sum(self, weights: Tensor) -> Tensor:
-        return torch.einsum("b...,b->...", self.grad, weights.to(self.grad.dtype))
+    def weighted_sum(self, weights: Tensor, out: Tensor | None = None) -> Tensor:
+        g = torch.einsum("b...,b->...", self.grad, weights.to(self.grad.dtype))
+        return g if out is None else out.add_(g)
 
 
 Contribution = OuterSum | Direct

@@ -10,14 +10,18 @@ Usage (one physical batch)::
 ``mode="bk"`` (book-keeping, the default) takes one backward pass: autograd is
 asked only for the gradients of the hooked layers' *outputs* (no weight
 gradients are formed), norms come from those and the stored inputs, and the
-clipped sum is formed directly from the same factors. ``mode="ghost"`` is the
+clipped sum is formed directly from the same factors. Each hooked output passes
+through an identity node (:class:`_Tap`) that hands its gradient to the engine
+during that backward pass, so the engine keeps no reference to the outputs
+themselves: they are freed as in non-private training (a 206 MB logits tensor
+for GPT-2 at batch 8 × 128 tokens). ``mode="ghost"`` is the
 paper's two-pass ghost clipping: norms from a first pass, then a standard
 backward pass of ``Σ_b c_b L_b``.
 
 Privacy is the security model here: every trainable parameter must belong to a
 layer with a registered norm function (else :class:`UnsupportedLayerError` at
 construction), a layer output modified in place after the hook saw it is an
-error, and :meth:`verify` checks once that the engine's unclipped gradient sum
+error (autograd refuses in-place changes to a custom Function's view), and :meth:`verify` checks once that the engine's unclipped gradient sum
 equals autograd's for every parameter, so a parameter reaching the loss outside
 its hooked layer cannot go unclipped.
 """
@@ -43,8 +47,29 @@ class _Record:
     module: nn.Module
     handler: Handler
     input: Tensor
-    output: Tensor
-    version: int
+    grad: Tensor | None = None
+    collect: bool = False
+
+
+class _Tap(torch.autograd.Function):
+    """Identity on a layer's output whose backward hands the output gradient to the record.
+
+    ``anchor`` is a scalar leaf every tap depends on: asking autograd for the gradient of the
+    anchor makes it traverse every path to every tap (and to no weight), so the layer outputs
+    never need to be kept alive to be named as ``inputs``. The output is a view made inside a
+    custom Function, so autograd itself refuses to let it be modified in place.
+    """
+
+    @staticmethod
+    def forward(ctx, output: Tensor, anchor: Tensor, record: _Record) -> Tensor:
+        ctx.record = record
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        if ctx.record.collect:
+            ctx.record.grad = grad
+        return grad, None, None
 
 
 class GhostClipEngine:
@@ -102,6 +127,7 @@ class GhostClipEngine:
         if not self.params:
             raise ValueError("the model has no trainable parameters: nothing to train")
         self._records: list[_Record] = []
+        self._anchor: Tensor | None = None
         self._capturing = False
         self._batch_size: int | None = None
         self._hooks = [m.register_forward_hook(self._make_hook(n, m, h), with_kwargs=True)
@@ -132,8 +158,11 @@ class GhostClipEngine:
                     new = output.unsqueeze(0).expand(b, *output.shape)
                     x = x.unsqueeze(0).expand(b, -1)
             out = output if new is None else new
-            self._records.append(_Record(name, module, handler, x.detach(), out, out._version))
-            return new
+            if self._anchor is None or self._anchor.device != out.device:
+                self._anchor = torch.zeros((), device=out.device, requires_grad=True)
+            record = _Record(name, module, handler, x.detach())
+            self._records.append(record)
+            return _Tap.apply(out, self._anchor, record)
 
         return hook
 
@@ -144,12 +173,13 @@ class GhostClipEngine:
 
     @contextmanager
     def capture(self, batch_size: int | None = None) -> Iterator[None]:
-        """Record layer inputs/outputs of the forward pass run inside this block.
+        """Record layer inputs (and tap layer outputs) of the forward pass run inside this block.
 
         ``batch_size`` lets layers that run once per batch and broadcast (position
         embeddings) be split into per-example rows; pass it whenever it is known.
         """
         self._records = []
+        self._anchor = None
         self._capturing = True
         self._batch_size = batch_size
         try:
@@ -165,16 +195,19 @@ class GhostClipEngine:
         if not self._records:
             raise RuntimeError("no layer calls were captured: run the forward pass inside engine.capture()")
         batch = losses.shape[0]
-        for r in self._records:
-            if r.output._version != r.version:
-                raise UnsupportedLayerError(
-                    f"the output of module '{r.name}' was modified in place after the layer ran; "
-                    "its gradient cannot be captured exactly"
-                )
-        grads = torch.autograd.grad(losses.sum(), [r.output for r in self._records],
-                                    allow_unused=True, retain_graph=retain_graph)
+        records, anchor = self._records, self._anchor
+        for r in records:
+            r.collect = True
+        try:
+            torch.autograd.grad(losses.sum(), [anchor], allow_unused=True, retain_graph=retain_graph)
+        finally:
+            for r in records:
+                r.collect = False
         contribs: dict[int, list[Contribution]] = defaultdict(list)
-        for r, g in zip(self._records, grads):
+        for r in records:
+            # The tap nodes keep their records for as long as the caller keeps the graph (its
+            # losses); empty them, or every layer input would live on into the next step.
+            g, x, r.grad, r.input = r.grad, r.input, None, None
             if g is None:
                 continue
             if g.shape[0] != batch and not (g.dim() == 1 and batch == 1):
@@ -182,8 +215,9 @@ class GhostClipEngine:
                     f"module '{r.name}' output has leading dimension {g.shape[0]} but the batch has {batch} "
                     "examples; the engine needs batch-first layer inputs"
                 )
-            for pname, c in r.handler(r.module, r.input, g).items():
+            for pname, c in r.handler(r.module, x, g).items():
                 contribs[id(getattr(r.module, pname))].append(c)
+        self._records = []  # the contributions hold what is still needed
         return contribs
 
     def _norms(self, contribs: dict[int, list[Contribution]], batch: int, device) -> Tensor:
@@ -214,17 +248,26 @@ class GhostClipEngine:
         norms = self._norms(contribs, losses.shape[0], losses.device)
         factors = self.clip_factors(norms)
         if self.mode == "ghost":
+            del contribs  # the second pass needs only the factors
             (losses * factors.detach().to(losses.dtype)).sum().backward()
         else:
             for p in self.params:
-                cs = contribs.get(id(p))
+                cs = contribs.pop(id(p), None)  # freed as soon as used: book-keeping's memory peaks here
                 if not cs:
                     continue
-                g = cs[0].weighted_sum(factors)
-                for c in cs[1:]:
-                    g = g + c.weighted_sum(factors)
-                g = g.view(p.shape).to(p.dtype)
-                p.grad = g if p.grad is None else p.grad + g
+                # Summed in place into p.grad when it can hold the contributions' dtype (float32
+                # or float64); a bf16 gradient gets a float32 sum, cast once.
+                acc = p.grad
+                if acc is None or acc.dtype != cs[0].dtype or not acc.is_contiguous():
+                    acc = torch.zeros(p.shape, dtype=cs[0].dtype, device=p.device)
+                    new = True
+                else:
+                    new = False
+                for c in cs:
+                    c.weighted_sum(factors, out=acc.view(c.sum_shape))
+                if new:
+                    acc = acc.to(p.dtype)
+                    p.grad = acc if p.grad is None else p.grad + acc
         self._records = []
         return norms
 
