@@ -21,9 +21,10 @@ backward pass of ``Σ_b c_b L_b``.
 Privacy is the security model here: every trainable parameter must belong to a
 layer with a registered norm function (else :class:`UnsupportedLayerError` at
 construction), a layer output modified in place after the hook saw it is an
-error (autograd refuses in-place changes to a custom Function's view), and :meth:`verify` checks once that the engine's unclipped gradient sum
-equals autograd's for every parameter, so a parameter reaching the loss outside
-its hooked layer cannot go unclipped.
+error (autograd refuses in-place changes to a custom Function's view), and
+:meth:`verify` checks once that the engine's unclipped gradient sum equals
+autograd's for every parameter, so a parameter reaching the loss outside its
+hooked layer cannot go unclipped.
 """
 from __future__ import annotations
 
@@ -54,8 +55,8 @@ class _Record:
 class _Tap(torch.autograd.Function):
     """Identity on a layer's output whose backward hands the output gradient to the record.
 
-    ``anchor`` is a scalar leaf every tap depends on: asking autograd for the gradient of the
-    anchor makes it traverse every path to every tap (and to no weight), so the layer outputs
+    ``anchor`` is a scalar leaf every tap (on its device) depends on: asking autograd for the
+    anchors' gradients makes it traverse every path to every tap (and to no weight), so the layer outputs
     never need to be kept alive to be named as ``inputs``. The output is a view made inside a
     custom Function, so autograd itself refuses to let it be modified in place.
     """
@@ -127,7 +128,7 @@ class GhostClipEngine:
         if not self.params:
             raise ValueError("the model has no trainable parameters: nothing to train")
         self._records: list[_Record] = []
-        self._anchor: Tensor | None = None
+        self._anchors: dict[torch.device, Tensor] = {}
         self._capturing = False
         self._batch_size: int | None = None
         self._hooks = [m.register_forward_hook(self._make_hook(n, m, h), with_kwargs=True)
@@ -158,11 +159,12 @@ class GhostClipEngine:
                     new = output.unsqueeze(0).expand(b, *output.shape)
                     x = x.unsqueeze(0).expand(b, -1)
             out = output if new is None else new
-            if self._anchor is None or self._anchor.device != out.device:
-                self._anchor = torch.zeros((), device=out.device, requires_grad=True)
+            anchor = self._anchors.get(out.device)
+            if anchor is None:  # one per device, so a model split over devices keeps every tap reachable
+                anchor = self._anchors[out.device] = torch.zeros((), device=out.device, requires_grad=True)
             record = _Record(name, module, handler, x.detach())
             self._records.append(record)
-            return _Tap.apply(out, self._anchor, record)
+            return _Tap.apply(out, anchor, record)
 
         return hook
 
@@ -179,7 +181,7 @@ class GhostClipEngine:
         embeddings) be split into per-example rows; pass it whenever it is known.
         """
         self._records = []
-        self._anchor = None
+        self._anchors = {}
         self._capturing = True
         self._batch_size = batch_size
         try:
@@ -195,11 +197,12 @@ class GhostClipEngine:
         if not self._records:
             raise RuntimeError("no layer calls were captured: run the forward pass inside engine.capture()")
         batch = losses.shape[0]
-        records, anchor = self._records, self._anchor
+        records = self._records
         for r in records:
             r.collect = True
         try:
-            torch.autograd.grad(losses.sum(), [anchor], allow_unused=True, retain_graph=retain_graph)
+            torch.autograd.grad(losses.sum(), list(self._anchors.values()), allow_unused=True,
+                                retain_graph=retain_graph)
         finally:
             for r in records:
                 r.collect = False
