@@ -29,3 +29,12 @@ def test_ratios_are_relative_to_nonprivate():
     out = bench.with_ratios(recs)
     assert out[1]["time_ratio"] == pytest.approx(1.1) and out[1]["memory_ratio"] == pytest.approx(1.05)
     assert "time_ratio" not in out[2]
+
+
+def test_interleaved_ratios_are_per_round_and_refusals_are_results(tiny_shape):
+    got = bench.measure_interleaved(bench.CPU_SHAPES[tiny_shape], ["ours_bk", "opacus_ghost"], batch=2, seq=8,
+                                    rounds=3, device="cpu")
+    assert got["nonprivate"]["round_ratios"] == [1.0, 1.0, 1.0]
+    r = got["ours_bk"]
+    assert len(r["round_ratios"]) == 3 and r["time_ratio_interleaved"] == sorted(r["round_ratios"])[1] > 0
+    assert "tying" in got["opacus_ghost"]["error"]  # Opacus 1.6 refuses the tied model: recorded, not raised

@@ -45,6 +45,9 @@ def test_every_table_and_figure_exists_and_holds_numbers(tiny_run):
         assert img.size[0] > 300 and len(set(img.convert("L").get_flattened_data())) > 10  # not blank
         assert (work / fig).with_suffix(".svg").stat().st_size > 1000
     assert r"\begin{tabular}" in (work / "results/tables/xu2021.tex").read_text()
+    bench = json.loads((work / "results/benchmarks/clipping_cpu.json").read_text())["records"]
+    inter = [r for r in bench if r["method"] == "ours_bk"]  # the tiny preset sets interleave: 2
+    assert inter and all(len(r["round_ratios"]) == 2 and r["time_ratio_interleaved"] > 0 for r in inter)
     sweep = li[li.variant.notna()]
     assert sorted(set(zip(sweep.batch_size, sweep.lr))) == [(8, 0.001), (8, 0.003), (16, 0.001), (16, 0.003)]
 

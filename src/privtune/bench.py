@@ -13,6 +13,13 @@ Methods: ``nonprivate``; ``ours_bk`` (single backward, book-keeping) and
 Opacus' ghost mode refuses tied embeddings, so it runs on the untied variant of
 the model as well (``opacus_ghost_untied``); its refusal on the tied one is kept
 as a result.
+
+Separate processes run one after another, so a shared machine's drift lands in
+the time ratios. ``--interleave N`` also times non-private and our two modes
+alternated in one process, N rounds, and records the median over rounds of each
+one's time over the non-private time of the same round (``time_ratio_interleaved``).
+Opacus is left out of it: its ratios are far from the targets, and its models would
+share the process's memory.
 """
 from __future__ import annotations
 
@@ -32,6 +39,7 @@ CPU_SHAPES = {"gpt2-2layer": dict(n_embd=768, n_layer=2, n_head=12), "gpt2": dic
 GPU_SHAPES = {"gpt2": dict(n_embd=768, n_layer=12, n_head=12), "gpt2-medium": dict(n_embd=1024, n_layer=24, n_head=16),
               "gpt2-large": dict(n_embd=1280, n_layer=36, n_head=20)}
 CLIP, SIGMA = 0.1, 1.0
+INTERLEAVED = ("nonprivate", "ours_bk", "ours_ghost")  # timed alternated in one process by --interleave
 
 
 def _model(shape: dict, untie: bool, device):
@@ -161,6 +169,48 @@ def measure_one(shape: dict, method: str, batch: int, seq: int, steps: int, devi
     return {"status": "ok", "time_s": times[len(times) // 2], "peak_mb": peak, "parameters": n_params}
 
 
+def measure_interleaved(shape: dict, methods: list[str], batch: int, seq: int, rounds: int, device: str) -> dict:
+    """Time ratios to non-private with every method's step alternated in this process.
+
+    Each method gets its own model (same seed) and one warm-up step; then ``rounds`` rounds
+    run every method once. Returns {method: {"time_ratio_interleaved", "round_ratios"}} or
+    {method: {"error": ...}} for a method that cannot be built or run.
+    """
+    import statistics
+
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("PRIVTUNE_BENCH_THREADS", os.cpu_count() or 1)))
+    dev = torch.device(device)
+    steps, out = {}, {}
+    ids = None
+    for method in ["nonprivate", *[m for m in methods if m != "nonprivate"]]:
+        try:
+            model = _model(shape, untie=method == "opacus_ghost_untied", device=dev)
+            model.train()
+            if ids is None:
+                ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=dev)
+            step = _make_step(method, model, batch)
+            step(ids)  # warm-up
+            steps[method] = step
+        except Exception as e:  # a refusal (Opacus ghost on a tied model) is a result
+            out[method] = {"error": f"{type(e).__name__}: {e}"[:400]}
+    if "nonprivate" not in steps:
+        return out
+    times = {m: [] for m in steps}
+    for _ in range(rounds):
+        for method, step in steps.items():
+            t = time.perf_counter()
+            step(ids)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            times[method].append(time.perf_counter() - t)
+    for method, ts in times.items():
+        ratios = [t / b for t, b in zip(ts, times["nonprivate"])]
+        out[method] = {"time_ratio_interleaved": statistics.median(ratios), "round_ratios": ratios}
+    return out
+
+
 def run_isolated(shape: str, method: str, batch: int, seq: int, steps: int, device: str, timeout: int,
                  spec: dict | None = None) -> dict:
     """Measure one (shape, method) in a fresh process; ``spec`` is the GPT-2 shape (default: the
@@ -214,6 +264,8 @@ def main(argv=None) -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--timeout", type=int, default=1800)
+    ap.add_argument("--interleave", type=int, default=0, metavar="N",
+                    help="also time the methods alternated in one process, N rounds (0: off)")
     ap.add_argument("--out", default="results/benchmarks/bench.json")
     a = ap.parse_args(argv)
     if a.one:
@@ -240,6 +292,14 @@ def main(argv=None) -> None:
                   + (f"{r['time_s']:.3f} s/step  {r['peak_mb']:.0f} MB" if r["status"] == "ok" else r.get("error", "")),
                   flush=True)
     with_ratios(records)
+    if a.interleave:
+        for shape in shapes:
+            ok = [r["method"] for r in records if r["shape"] == shape and r["status"] == "ok"
+                  and r["method"] in INTERLEAVED]
+            got = measure_interleaved(specs[shape], ok, batch, a.seq, a.interleave, a.device)
+            for r in records:
+                if r["shape"] == shape and r["method"] in got:
+                    r.update(got[r["method"]])
     if a.device == "cuda":
         for shape in shapes:
             for method in a.methods:
@@ -256,7 +316,9 @@ def main(argv=None) -> None:
     for r in records:
         if r.get("time_ratio"):
             mem = f"{r['memory_ratio']:.2f}" if r.get("memory_ratio") else "n/a"
-            print(f"  {r['shape']:12s} {r['method']:20s} time {r['time_ratio']:.2f}x  memory {mem}x")
+            inter = (f"  (alternated in one process: {r['time_ratio_interleaved']:.2f}x, median of "
+                     f"{len(r['round_ratios'])})") if "time_ratio_interleaved" in r else ""
+            print(f"  {r['shape']:12s} {r['method']:20s} time {r['time_ratio']:.2f}x  memory {mem}x{inter}")
         elif r["status"] != "ok":
             print(f"  {r['shape']:12s} {r['method']:20s} {r['status']}: {r.get('error', '')[:120]}")
 

@@ -48,6 +48,8 @@ def benchmark_args(device):
     args = ["--device", device, "--seq", str(b.get("seq", 128)), "--steps", str(b.get("steps", 3))]
     if b.get("batch"):
         args += ["--batch", str(b["batch"])]
+    if b.get("interleave"):
+        args += ["--interleave", str(b["interleave"])]
     if b.get("methods"):
         args += ["--methods", *b["methods"]]
     if b.get("shapes"):
