@@ -198,13 +198,20 @@ def measure_interleaved(shape: dict, methods: list[str], batch: int, seq: int, r
     if "nonprivate" not in steps:
         return out
     times = {m: [] for m in steps}
-    for _ in range(rounds):
-        for method, step in steps.items():
-            t = time.perf_counter()
-            step(ids)
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            times[method].append(time.perf_counter() - t)
+    try:
+        for _ in range(rounds):
+            for method, step in steps.items():
+                t = time.perf_counter()
+                step(ids)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                times[method].append(time.perf_counter() - t)
+    except Exception as e:  # all the models at once may not fit (a GPU): a result, not a crash
+        return {**out, **{m: {"error": f"{type(e).__name__}: {e}"[:400]} for m in steps}}
+    finally:
+        steps.clear()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
     for method, ts in times.items():
         ratios = [t / b for t, b in zip(ts, times["nonprivate"])]
         out[method] = {"time_ratio_interleaved": statistics.median(ratios), "round_ratios": ratios}
@@ -292,14 +299,6 @@ def main(argv=None) -> None:
                   + (f"{r['time_s']:.3f} s/step  {r['peak_mb']:.0f} MB" if r["status"] == "ok" else r.get("error", "")),
                   flush=True)
     with_ratios(records)
-    if a.interleave:
-        for shape in shapes:
-            ok = [r["method"] for r in records if r["shape"] == shape and r["status"] == "ok"
-                  and r["method"] in INTERLEAVED]
-            got = measure_interleaved(specs[shape], ok, batch, a.seq, a.interleave, a.device)
-            for r in records:
-                if r["shape"] == shape and r["method"] in got:
-                    r.update(got[r["method"]])
     if a.device == "cuda":
         for shape in shapes:
             for method in a.methods:
@@ -307,6 +306,15 @@ def main(argv=None) -> None:
                 for r in records:
                     if r["shape"] == shape and r["method"] == method:
                         r["largest_batch"] = fit
+    if a.interleave:  # last: this process then holds models (and on a GPU, a CUDA context)
+        for shape in shapes:
+            ok = [r["method"] for r in records if r["shape"] == shape and r["status"] == "ok"
+                  and r["method"] in INTERLEAVED]
+            got = measure_interleaved(specs[shape], ok, batch, a.seq, a.interleave, a.device)
+            for r in records:
+                g = got.get(r["method"]) if r["shape"] == shape else None
+                if g:
+                    r.update(g if "error" not in g else {"interleaved_error": g["error"]})
     out = Path(a.out)
     write_json(out, {"device": a.device, "batch": batch, "seq": a.seq, "records": records})
     from .report.figures import benchmark as benchmark_figure
