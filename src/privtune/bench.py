@@ -138,34 +138,55 @@ def _make_step(method: str, model, batch: int, lr=1e-4):
     raise ValueError(f"unknown method {method!r}")
 
 
+def _ready(shape: dict, method: str, batch: int, seq: int, dev):
+    """(model, token ids, step closure) after one warm-up step (Opacus' / our engine's first-call work)."""
+    import torch
+
+    model = _model(shape, untie=method == "opacus_ghost_untied", device=dev)
+    model.train()
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=dev)
+    step = _make_step(method, model, batch)
+    step(ids)
+    return model, ids, step
+
+
+def _timed(step, ids, dev) -> float:
+    import torch
+
+    t = time.perf_counter()
+    step(ids)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def _set_threads() -> None:
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("PRIVTUNE_BENCH_THREADS", os.cpu_count() or 1)))
+
+
+def _error(e: Exception) -> str:
+    return f"{type(e).__name__}: {e}"[:400]
+
+
 def measure_one(shape: dict, method: str, batch: int, seq: int, steps: int, device: str) -> dict:
     """Run in the current process; returns time per step and peak memory."""
     import torch
 
-    torch.set_num_threads(int(os.environ.get("PRIVTUNE_BENCH_THREADS", os.cpu_count() or 1)))
+    _set_threads()
     dev = torch.device(device)
     base_rss = _rss_mb()
-    model = _model(shape, untie=method == "opacus_ghost_untied", device=dev)
-    model.train()
+    model, ids, step = _ready(shape, method, batch, seq, dev)
     n_params = sum(p.numel() for p in model.parameters())
-    ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=dev)
-    step = _make_step(method, model, batch)
-    step(ids)  # warm-up (and Opacus' / our engine's first-call work)
     if dev.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        step(ids)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
+    times = sorted(_timed(step, ids, dev) for _ in range(steps))
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base_rss
-    times.sort()
     return {"status": "ok", "time_s": times[len(times) // 2], "peak_mb": peak, "parameters": n_params}
 
 
@@ -174,42 +195,31 @@ def measure_interleaved(shape: dict, methods: list[str], batch: int, seq: int, r
 
     Each method gets its own model (same seed) and one warm-up step; then ``rounds`` rounds
     run every method once. Returns {method: {"time_ratio_interleaved", "round_ratios"}} or
-    {method: {"error": ...}} for a method that cannot be built or run.
+    {method: {"interleaved_error": ...}} for a method that cannot be built or run.
     """
     import statistics
 
     import torch
 
-    torch.set_num_threads(int(os.environ.get("PRIVTUNE_BENCH_THREADS", os.cpu_count() or 1)))
+    _set_threads()
     dev = torch.device(device)
-    steps, out = {}, {}
-    ids = None
+    ready, out = {}, {}
     for method in ["nonprivate", *[m for m in methods if m != "nonprivate"]]:
         try:
-            model = _model(shape, untie=method == "opacus_ghost_untied", device=dev)
-            model.train()
-            if ids is None:
-                ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=dev)
-            step = _make_step(method, model, batch)
-            step(ids)  # warm-up
-            steps[method] = step
+            ready[method] = _ready(shape, method, batch, seq, dev)
         except Exception as e:  # a refusal (Opacus ghost on a tied model) is a result
-            out[method] = {"error": f"{type(e).__name__}: {e}"[:400]}
-    if "nonprivate" not in steps:
+            out[method] = {"interleaved_error": _error(e)}
+    if "nonprivate" not in ready:
         return out
-    times = {m: [] for m in steps}
+    times = {m: [] for m in ready}
     try:
         for _ in range(rounds):
-            for method, step in steps.items():
-                t = time.perf_counter()
-                step(ids)
-                if dev.type == "cuda":
-                    torch.cuda.synchronize()
-                times[method].append(time.perf_counter() - t)
+            for method, (_, ids, step) in ready.items():
+                times[method].append(_timed(step, ids, dev))
     except Exception as e:  # all the models at once may not fit (a GPU): a result, not a crash
-        return {**out, **{m: {"error": f"{type(e).__name__}: {e}"[:400]} for m in steps}}
+        return {**out, **{m: {"interleaved_error": _error(e)} for m in ready}}
     finally:
-        steps.clear()
+        ready.clear()
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     for method, ts in times.items():
@@ -312,9 +322,8 @@ def main(argv=None) -> None:
                   and r["method"] in INTERLEAVED]
             got = measure_interleaved(specs[shape], ok, batch, a.seq, a.interleave, a.device)
             for r in records:
-                g = got.get(r["method"]) if r["shape"] == shape else None
-                if g:
-                    r.update(g if "error" not in g else {"interleaved_error": g["error"]})
+                if r["shape"] == shape and r["method"] in got:
+                    r.update(got[r["method"]])
     out = Path(a.out)
     write_json(out, {"device": a.device, "batch": batch, "seq": a.seq, "records": records})
     from .report.figures import benchmark as benchmark_figure

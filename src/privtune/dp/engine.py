@@ -263,12 +263,9 @@ class GhostClipEngine:
                 acc = p.grad
                 if acc is None or acc.dtype != cs[0].dtype or not acc.is_contiguous():
                     acc = torch.zeros(p.shape, dtype=cs[0].dtype, device=p.device)
-                    new = True
-                else:
-                    new = False
                 for c in cs:
                     c.weighted_sum(factors, out=acc.view(c.sum_shape))
-                if new:
+                if acc is not p.grad:
                     acc = acc.to(p.dtype)
                     p.grad = acc if p.grad is None else p.grad + acc
         self._records = []
