@@ -27,7 +27,8 @@ def evaluate(run_dir: Path, eval_file: Path, out_file: Path, kind: str, task: st
     run_dir = Path(run_dir)
     device = default_device()
     tok = load_tokenizer(run_dir / "model")
-    obj = objective(kind, task, meta.get("objective", "head"), meta.get("num_labels", 2), meta.get("prompt"))
+    obj = objective(kind, task, meta.get("objective", "head"), meta.get("num_labels", 2), meta.get("prompt"),
+                    model_dir=run_dir / "model")
     # a prefix-tuned run keeps its prefix as a peft adapter beside the base weights
     model = methods.attach_adapter(obj.load(run_dir / "model"), run_dir / "model").to(device)
     records, mismatched = read_jsonl(eval_file), None
@@ -54,10 +55,14 @@ def evaluate(run_dir: Path, eval_file: Path, out_file: Path, kind: str, task: st
     row = {
         **meta,
         "task": task,
+        "objective_family": obj.family,
         "metrics": scores,
         "epsilon_spent": None if eps is None or (isinstance(eps, float) and math.isinf(eps)) else eps,
         "delta": privacy.get("delta"),
         "noise_multiplier": privacy.get("noise_multiplier", 0.0),
+        "clip_norm": train["settings"].get("clip_norm"),
+        "train_batch_size": privacy.get("expected_batch_size"),
+        "dataset_size": privacy.get("dataset_size"),
         "trainable_parameters": train["trainable_parameters"],
         "noise_to_signal": train.get("noise_to_signal"),
         "train_seconds": train["seconds"],

@@ -1,0 +1,120 @@
+"""The pre-training-aligned classification objective for sentence encoders without an LM head
+(all-MiniLM-L6-v2 and other sentence-transformers exports).
+
+A sentence encoder was pre-trained to place texts of like meaning close together, so the
+aligned way to classify with it is to compare the input with a short description of each
+label: logits are the cosine similarities between the mean-pooled embedding of the input
+and of each label's description, divided by a temperature τ (``prompt.temperature``,
+default 0.05, the scale-20 convention of contrastive sentence-embedding training). The
+per-example loss is the cross-entropy over those logits. No parameter is added.
+
+Label descriptions, in label-id order (``prompt.descriptions`` overrides them):
+
+| task | descriptions |
+|------|--------------|
+| sst2 | "It was terrible.", "It was great." |
+| cola | "This sentence is ungrammatical.", "This sentence is grammatical." |
+
+Pair tasks (NLI, paraphrase) are not a similarity to a fixed description and are refused.
+
+How the engine sees the label embeddings: they are computed each step from the current
+encoder, in eval mode and **without gradient** (``torch.no_grad``), so they are constants of
+the step. They depend on no training example (the descriptions are fixed public text), the
+engine's hooks record nothing while gradients are off, and each example's loss depends on
+the trainable parameters only through that example's own forward pass: the per-example
+gradient that is clipped is the exact gradient of that loss with the label embeddings held
+fixed, and the sensitivity stays C.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..tasks import Encoded, pad_right
+
+DESCRIPTIONS: dict[str, tuple[str, ...]] = {
+    "sst2": ("It was terrible.", "It was great."),
+    "cola": ("This sentence is ungrammatical.", "This sentence is grammatical."),
+}
+TEMPERATURE = 0.05
+
+
+@dataclass
+class SimilarityEncoded(Encoded):
+    label_ids: tuple[tuple[int, ...], ...]  # the descriptions' token ids
+
+
+def descriptions_for(task: str, overrides: dict) -> tuple[str, ...]:
+    from ..prompting import PromptObjectiveError
+
+    given = overrides.get("descriptions")
+    if given is not None:
+        return tuple(given)
+    if task not in DESCRIPTIONS:
+        raise PromptObjectiveError(
+            f"task {task!r} has no label descriptions for a sentence encoder (they exist for "
+            f"{sorted(DESCRIPTIONS)}); pair tasks are not a similarity to a fixed text. Give "
+            "prompt.descriptions, use a model with an LM head, or objective: head")
+    return DESCRIPTIONS[task]
+
+
+def encode(tokenizer, records: list[dict], task: str, max_length: int, descriptions, num_labels: int
+           ) -> list[SimilarityEncoded]:
+    if len(descriptions) != num_labels:
+        raise ValueError(f"task {task!r}: {len(descriptions)} label descriptions for {num_labels} labels")
+    if any(r.get("text_b") is not None for r in records):
+        raise ValueError(f"task {task!r} has sentence pairs; the similarity objective takes single sentences")
+    labels = tuple(tuple(tokenizer(d, truncation=True, max_length=max_length)["input_ids"]) for d in descriptions)
+    texts = [r["text_a"] for r in records]
+    ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"] if texts else []
+    out = []
+    for r, x in zip(records, ids):
+        label = r.get("label")
+        if label is not None and not (isinstance(label, int) and 0 <= label < num_labels):
+            raise ValueError(f"task {task!r}: label {label!r} is not a class id in [0, {num_labels})")
+        out.append(SimilarityEncoded(list(x), label, labels))
+    return out
+
+
+def collate(examples: list[SimilarityEncoded], pad_id: int, device) -> dict:
+    ids, mask = pad_right(examples, pad_id)
+    label_ids, label_mask = pad_right([Encoded(list(t), None) for t in examples[0].label_ids], pad_id)
+    labels = torch.tensor([-1 if e.labels is None else int(e.labels) for e in examples])
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device),
+            "label_input_ids": label_ids.to(device), "label_attention_mask": label_mask.to(device)}
+
+
+def load(model_dir: Path, dtype=torch.float32) -> nn.Module:
+    """The bare encoder; BERT's pooler is left out (mean pooling does not use it, so it would only
+    receive noise)."""
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.from_pretrained(model_dir)
+    kwargs = {"add_pooling_layer": False} if config.model_type in ("bert", "roberta") else {}
+    return AutoModel.from_pretrained(model_dir, dtype=dtype, **kwargs)
+
+
+def embed(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """Unit-norm mean-pooled embeddings (B, d)."""
+    hidden = model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1)
+    return F.normalize(pooled.to(torch.promote_types(pooled.dtype, torch.float32)), dim=-1)
+
+
+def logits(model: nn.Module, batch: dict, temperature: float = TEMPERATURE) -> Tensor:
+    was_training = model.training
+    with torch.no_grad():  # constants of the step: no training example reaches them (module docstring)
+        model.eval()
+        labels = embed(model, batch["label_input_ids"], batch["label_attention_mask"])
+        model.train(was_training)
+    x = embed(model, batch["input_ids"], batch["attention_mask"])
+    return x @ labels.to(x.dtype).T / temperature
+
+
+def per_example_loss(model: nn.Module, batch: dict, temperature: float = TEMPERATURE) -> Tensor:
+    return F.cross_entropy(logits(model, batch, temperature), batch["labels"], reduction="none")
