@@ -40,3 +40,32 @@ def logical_batches(n: int, batch_size: int, steps: int, seed: int, scheme: str 
             perm = rng.permutation(n)
             k = step % per_epoch
             yield step, perm[k * batch_size:(k + 1) * batch_size]
+
+
+def physical_batches(indices, lengths, max_examples: int, max_tokens: int | None = None) -> list[list[int]]:
+    """Split one logical batch into the physical batches that are run through the model.
+
+    Without ``max_tokens``: consecutive slices of ``max_examples`` (every batch is padded to
+    its longest example). With it: the examples sorted by length, then cut greedily so that
+    no physical batch exceeds ``max_examples`` examples or ``max_tokens`` padded tokens
+    (count × longest length); an example longer than ``max_tokens`` goes alone. Short
+    sentences then stop paying for the longest one's padding. The split changes no
+    privatized quantity: each example's clipped gradient depends on that example alone, and
+    the clipped sum (and the noise added to it once per logical batch) on the set of examples.
+    """
+    indices = [int(i) for i in indices]
+    if max_tokens is None:
+        return [indices[lo: lo + max_examples] for lo in range(0, len(indices), max_examples)]
+    if max_tokens < 1:
+        raise ValueError(f"train.physical_tokens must be >= 1 (padded tokens per physical batch), got {max_tokens}")
+    out: list[list[int]] = []
+    current: list[int] = []
+    for i in sorted(indices, key=lambda j: (lengths[j], j)):
+        # sorted ascending: the example being added is the longest of the batch so far
+        if current and (len(current) >= max_examples or (len(current) + 1) * lengths[i] > max_tokens):
+            out.append(current)
+            current = []
+        current.append(i)
+    if current:
+        out.append(current)
+    return out
