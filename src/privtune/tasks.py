@@ -5,7 +5,12 @@
 * table2text (E2E, DART): a causal LM trained on ``source <sep> target <eos>``
   with the loss on the target tokens only; per-example loss is the mean token
   loss of that example's target. ``<sep>`` is the tokenizer's EOS token (as
-  GPT-2's ``<|endoftext|>`` in Li et al.'s "cat" format).
+  GPT-2's ``<|endoftext|>`` in Li et al.'s "cat" format). A tokenizer with a chat
+  template (an instruct model such as SmolLM2-Instruct, whose EOS ``<|im_end|>``
+  closes a chat turn) gets its own format instead: the table is a user turn after a
+  one-line system instruction (:data:`TABLE2TEXT_INSTRUCTION`), the text is the
+  assistant's turn, closed by its end-of-turn token. A bare EOS separator would cue
+  the chat template's next turn, and the model would start its text with "assistant".
 
 Per-example losses (shape (B,)) are what DP-SGD clips; the non-private loss is
 their mean.
@@ -34,7 +39,15 @@ def encode_classification(tokenizer, records: list[dict], max_length: int) -> li
     return out
 
 
+TABLE2TEXT_INSTRUCTION = "Describe the table in a sentence."
+
+
 def lm_prompt(tokenizer, source: str) -> list[int]:
+    """The prompt of a table: ``source <eos>`` (Li et al.), or the chat format of an instruct model."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "system", "content": TABLE2TEXT_INSTRUCTION}, {"role": "user", "content": source}]
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
     return tokenizer(source, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
 
@@ -44,7 +57,8 @@ def encode_table2text(tokenizer, records: list[dict], max_length: int) -> list[E
     for r in records:
         prompt = lm_prompt(tokenizer, r["source"])
         for ref in r["references"]:
-            target = tokenizer(" " + ref, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            lead = "" if getattr(tokenizer, "chat_template", None) else " "  # a chat turn starts a new line
+            target = tokenizer(lead + ref, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
             src = prompt
             if len(src) + len(target) > max_length:  # cut the table, keep its separator and the target
                 target = target[: max(1, max_length // 2)] if len(target) > max_length // 2 else target
