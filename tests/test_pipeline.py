@@ -29,7 +29,7 @@ def cola(cfg):
 def test_quick_preset_expands_to_both_papers():
     runs = expand_runs(load("config.yaml"))
     assert {r.paper for r in runs} == {"li2022", "xu2021"}
-    assert {r.eps for r in runs if r.task == "sst2"} == {"3", "8", "inf"}
+    assert {r.eps for r in runs if r.task == "sst2"} == {"0", "3", "8", "inf"}  # 0: the zero-shot row
     assert {r.method for r in runs if r.paper == "xu2021"} == {"vanilla", "ct_f", "ct_d"}
 
 
@@ -38,7 +38,7 @@ def test_run_settings_layering():
     runs = {(r.task, r.eps): r for r in expand_runs(cfg)}
     dp = run_settings(cfg, runs[("sst2", "3")])
     nonpriv = run_settings(cfg, runs[("sst2", "inf")])
-    assert dp["epsilon"] == 3.0 and dp["clip_norm"] == 0.1 and dp["lr"] == 5e-4
+    assert dp["epsilon"] == 3.0 and dp["clip_norm"] == 0.1 and dp["lr"] == 3e-5
     assert nonpriv["epsilon"] is None and nonpriv["lr"] == 5e-5  # nonprivate_train override
     ct = run_settings(cfg, [r for r in expand_runs(cfg) if r.method == "ct_f"][0])
     assert ct["child"] == "ct_f" and ct["p_f"] == 0.3
@@ -68,7 +68,7 @@ def test_unknown_model_in_an_experiment_is_named():
 
 
 @pytest.mark.parametrize("configfile,min_train", [("config.yaml", 9), ("config/paper.yaml", 150),
-                                                  ("config/tiny.yaml", 11)])
+                                                  ("config/tiny.yaml", 11), ("config/claims.yaml", 20)])
 def test_dry_run_lists_the_grid_offline(tmp_path, configfile, min_train):
     work = copy_workflow(tmp_path)
     out = subprocess.run([*SNAKEMAKE, "-n", "--configfile", configfile], cwd=work, capture_output=True, text=True,
@@ -175,3 +175,33 @@ def test_objective_and_mismatched_evaluation_reach_the_jobs():
     assert data_spec(tiny, "mnli", "eval_mm") == data_spec(tiny, "mnli", "eval")  # the mirror has no mm
     tiny["datasets"]["mnli"]["eval_mm_split"] = None
     assert data_spec(tiny, "mnli", "eval_mm")["split"] == "test_mismatched"
+
+
+def test_zero_shot_runs_read_no_data_and_spend_no_epsilon():
+    cfg = load("config.yaml")
+    runs = expand_runs(cfg)
+    zs = [r for r in runs if r.zero_shot]
+    assert {(r.task, r.eps) for r in zs} == {("sst2", "0"), ("e2e", "0")}
+    r = next(r for r in zs if r.task == "sst2")
+    assert not r.private and r.directory == "results/li2022/sst2/minilm/zeroshot/eps~0/seed~0"
+    s = run_settings(cfg, r)
+    assert s["zero_shot"] is True and s["epsilon"] is None and s["objective"] == "prompt"
+    bad = copy.deepcopy(cfg)
+    next(e for e in bad["experiments"] if e["name"] == "li2022-sst2").update(objective="head")
+    with pytest.raises(ValueError, match="zero_shot needs objective: prompt"):
+        expand_runs(bad)
+
+
+def test_sweeps_over_objective_and_clipping_norm_have_their_own_paths():
+    cfg = load("config/claims.yaml")
+    runs = expand_runs(cfg)
+    head = next(r for r in runs if r.experiment == "li2022-sst2-head")
+    clip = next(r for r in runs if r.experiment == "li2022-sst2-clip")
+    assert head.directory == "results/li2022/sst2/minilm/full/obj~head/eps~8/seed~0"
+    assert clip.directory == "results/li2022/sst2/minilm/full/C~10/eps~8/seed~0"
+    assert run_settings(cfg, head).get("objective", "head") == "head" and head.eval_spec(cfg)["meta"]["objective"] == "head"
+    assert run_settings(cfg, clip)["clip_norm"] == 10.0 and run_settings(cfg, clip)["objective"] == "prompt"
+    grid = [r for r in runs if r.experiment == "li2022-sst2-sweep"]
+    assert sorted(r.variant for r in grid) == ["bs~1024_lr~0.0005", "bs~1024_lr~5e-05", "bs~64_lr~0.0005",
+                                              "bs~64_lr~5e-05"]
+    assert len({r.directory for r in runs}) == len(runs)

@@ -57,7 +57,7 @@ def test_tables_in_the_papers_layouts_with_published_values_beside_ours(li_files
     assert r"\begin{tabular}" in tex and r"$\pm$" in tex and r"$\varepsilon$" in tex and "61.52" in tex
     # the sweep's grid points stay out of the paper tables and the summary, and get their own section
     assert len(tables.main_runs(df)[tables.main_runs(df).task == "sst2"]) == 4
-    assert "Hyper-parameter sweep" in md and set(df.variant) == {"", "bs~32_lr~0.0001", "bs~32_lr~0.001",
+    assert "Grid points" in md and set(df.variant) == {"", "bs~32_lr~0.0001", "bs~32_lr~0.001",
                                                                  "bs~64_lr~0.0001", "bs~64_lr~0.001"}
     csv = pd.read_csv(tmp_path / "t.csv")
     assert {"published", "published_source", "batch_size", "lr", "trainable_parameters"} <= set(csv.columns)

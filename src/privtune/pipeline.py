@@ -4,10 +4,14 @@ Kept out of the Snakefile so it can be tested; the rules only call these.
 A run is one (paper, task, model, method, ε, seed); its files live under
 ``results/{paper}/{task}/{model}/{method}/eps~{eps}/seed~{seed}/``.
 
-An experiment with a ``sweep`` (a grid of batch sizes and learning rates, as in
-Li et al.'s hyper-parameter heatmap) adds one run per grid point, under
-``results/{paper}/{task}/{model}/{method}/bs~{B}_lr~{lr}/eps~{eps}/seed~{seed}/``:
-the ``{method}`` path element then carries the grid point.
+An experiment with a ``sweep`` (a grid over batch size, learning rate, clipping norm
+or objective, as in Li et al.'s hyper-parameter heatmap) adds one run per grid point,
+under ``results/{paper}/{task}/{model}/{method}/bs~{B}_lr~{lr}/eps~{eps}/seed~{seed}/``
+(only the swept keys appear: ``C~3``, ``obj~head``): the ``{method}`` path element then
+carries the grid point.
+
+An experiment with ``zero_shot: true`` adds one run per model and seed with method
+``zeroshot`` and ε = 0 (``eps~0``): the untrained model with the experiment's objective.
 """
 from __future__ import annotations
 
@@ -56,13 +60,18 @@ class Run:
 
     @property
     def private(self) -> bool:
-        return self.eps != "inf"
+        return self.eps not in ("inf", "0")
+
+    @property
+    def zero_shot(self) -> bool:
+        return self.method == ZERO_SHOT
 
     @property
     def variant(self) -> str:
         """The grid point as a path element (``bs~256_lr~0.001``); empty for an experiment's main runs."""
         h = dict(self.hparams)
-        return f"bs~{h['batch_size']}_lr~{h['lr']:g}" if h else ""
+        return "_".join(f"{tag}~{h[k]:g}" if isinstance(h[k], float) else f"{tag}~{h[k]}"
+                        for k, tag in SWEEP_KEYS.items() if k in h)
 
     @property
     def method_dir(self) -> str:
@@ -98,10 +107,19 @@ class Run:
         return canonical({"kind": info["kind"], "task": self.task, "generation": e.get("generation", {}),
                 "metrics": e.get("eval_metrics"),
                 "meta": {"paper": self.paper, "model": self.model, "method": self.method, "eps": self.eps,
-                         "objective": e.get("objective", "head"), "prompt": e.get("prompt", {}),
+                         "objective": run_objective(self, e), "prompt": e.get("prompt", {}),
                          "seed": self.seed, "experiment": self.experiment, "num_labels": info["num_labels"],
                          "variant": self.variant, "hparams": dict(self.hparams),
                          "max_length": config["datasets"][self.task].get("max_length", 128)}})
+
+
+ZERO_SHOT = "zeroshot"
+SWEEP_KEYS = {"batch_size": "bs", "lr": "lr", "clip_norm": "C", "objective": "obj"}  # path tags, in path order
+
+
+def run_objective(run: Run, e: dict) -> str:
+    """The objective of a run: the experiment's, unless its grid point sweeps it."""
+    return dict(run.hparams).get("objective", e.get("objective", "head"))
 
 
 def fisher_source_token(child: dict) -> str:
@@ -169,7 +187,12 @@ def expand_runs(config: dict) -> list[Run]:
         for meth in e["methods"]:
             if meth not in allowed:
                 raise ValueError(f"experiment '{e['name']}': method '{meth}' is not one of {allowed} for {e['paper']}")
-        grid = itertools.product(e["models"], e["methods"], e["epsilons"], e["seeds"], sweep_points(e))
+        if e.get("zero_shot") and e.get("objective", "head") == "head" and task_info(e["task"])["kind"] != "table2text":
+            raise ValueError(f"experiment '{e['name']}': zero_shot needs objective: prompt (a new classification "
+                             "head is random before training) or a table-to-text task")
+        grid = list(itertools.product(e["models"], e["methods"], e["epsilons"], e["seeds"], sweep_points(e)))
+        if e.get("zero_shot"):
+            grid += [(model, ZERO_SHOT, 0, seed, ()) for model in e["models"] for seed in e["seeds"]]
         for model, meth, eps, seed, hp in grid:
             r = Run(e["name"], e["paper"], e["task"], model, meth, eps_token(eps), int(seed), hp)
             if r.directory in seen:
@@ -181,12 +204,15 @@ def expand_runs(config: dict) -> list[Run]:
 
 
 def sweep_points(e: dict) -> list[tuple]:
-    """An experiment's grid points: ``[()]`` without a sweep, else one ``(("batch_size", B), ("lr", lr))``
-    per batch size × learning rate of ``sweep``."""
+    """An experiment's grid points: ``[()]`` without a sweep, else one ``((key, value), ...)`` per point
+    of the product of the swept keys' values (keys in :data:`SWEEP_KEYS` order)."""
     sweep = e.get("sweep")
     if not sweep:
         return [()]
-    return [(("batch_size", int(b)), ("lr", float(lr))) for b in sweep["batch_size"] for lr in sweep["lr"]]
+    cast = {"batch_size": int, "lr": float, "clip_norm": float, "objective": str}
+    keys = [k for k in SWEEP_KEYS if k in sweep]
+    return [tuple((k, cast[k](v)) for k, v in zip(keys, values))
+            for values in itertools.product(*(sweep[k] for k in keys))]
 
 
 def run_settings(config: dict, run: Run) -> dict:
@@ -196,17 +222,20 @@ def run_settings(config: dict, run: Run) -> dict:
     s = {**config.get("train_defaults", {}), **e.get("train", {})}
     if not run.private:
         s.update(e.get("nonprivate_train", {}))
-    s.update(dict(run.hparams))
-    if run.hparams and s.get("physical_batch_size", 32) > s["batch_size"]:
+    hp = dict(run.hparams)
+    s.update({k: v for k, v in hp.items() if k != "objective"})
+    if "batch_size" in hp and s.get("physical_batch_size", 32) > s["batch_size"]:
         s["physical_batch_size"] = s["batch_size"]
-    if e.get("objective", "head") != "head":
-        s.update(objective=e["objective"], prompt=e.get("prompt", {}))
+    if run_objective(run, e) != "head":
+        s.update(objective=run_objective(run, e), prompt=e.get("prompt", {}))
+    if run.zero_shot:
+        s["zero_shot"] = True
     s.update(kind=info["kind"], num_labels=info["num_labels"], seed=run.seed, threads=config.get("threads"),
              task=run.task,
              epsilon=None if not run.private else float(run.eps),
              max_length=config["datasets"][run.task].get("max_length", 128))
-    if run.method in DP_METHODS:
-        s["method"] = run.method
+    if run.method in DP_METHODS or run.zero_shot:
+        s["method"] = "full" if run.zero_shot else run.method
         given = e.get("method_options", {}).get(run.method)
         if given:
             s["method_options"] = given
@@ -287,9 +316,9 @@ def paper_figures(runs: list[Run], paper: str) -> list[str]:
     """The figures a paper's runs can fill (names of :data:`privtune.report.figures.FIGURES`)."""
     mine = [r for r in runs if r.paper == paper]
     figures = []
-    if any(not r.hparams for r in mine):
+    if any(not r.hparams and not r.zero_shot for r in mine):
         figures.append("child_tuning" if paper == "xu2021" else "metric_vs_epsilon")
-    if any(r.hparams for r in mine):
+    if any({"batch_size", "lr"} <= set(dict(r.hparams)) for r in mine):
         figures.append("hparam_heatmap")
     methods: dict[tuple, set] = {}
     for r in mine:
@@ -315,6 +344,8 @@ def provenance_text(config: dict, paper: str) -> str:
         lines.append(f"Experiment ``{e['name']}``: task {e['task']}, models {', '.join(e['models'])}, methods "
                      f"{', '.join(e['methods'])}, ε {', '.join(map(str, e['epsilons']))}, seeds "
                      f"{', '.join(map(str, e['seeds']))}; {hp}"
-                     + (f"; sweep batch_size {sweep['batch_size']} × lr {sweep['lr']}" if sweep else "")
+                     + (f"; objective {e['objective']}" if e.get("objective", "head") != "head" else "")
+                     + ("; zero-shot row" if e.get("zero_shot") else "")
+                     + (f"; sweep {' × '.join(f'{k} {v}' for k, v in sweep.items())}" if sweep else "")
                      + (f"; child {canonical(e['child'])}" if set(e["methods"]) & {"ct_f", "ct_d"} else "") + ".")
     return "\n".join(f"* {line}" for line in lines)

@@ -64,6 +64,7 @@ class RunSettings:
     clip_norm: float = 0.1
     batch_size: int = 32  # expected logical batch size
     physical_batch_size: int = 32
+    physical_tokens: int | None = None  # length-sorted physical batches of at most this many padded tokens
     epochs: float = 1.0
     steps: int | None = None  # overrides epochs
     lr: float = 5e-4
@@ -93,6 +94,7 @@ class RunSettings:
     secure_noise: bool = False  # seed the noise generator from the OS, not from `seed` (for a real release)
     prior_events: list = field(default_factory=list)  # e.g. a DP Fisher pass, composed into ε
     world_size: int = 1  # data-parallel processes (one per GPU; gloo on the CPU)
+    zero_shot: bool = False  # no training: the model as prepared, with the objective (reads no data, ε = 0)
 
     def __post_init__(self) -> None:
         if self.on_nonfinite not in NONFINITE_POLICIES:
@@ -263,7 +265,9 @@ def run(settings: RunSettings, model_dir: Path, train_file: Path, out_dir: Path,
     _set_seed(s.seed)
     device = distributed.local_device() if world > 1 else default_device()
     tok = load_tokenizer(model_dir)
-    obj = objective(s.kind, s.task, s.objective, s.num_labels, s.prompt)
+    obj = objective(s.kind, s.task, s.objective, s.num_labels, s.prompt, model_dir=model_dir)
+    if s.zero_shot:
+        return _zero_shot(s, obj.load(model_dir), tok, out_dir, obj.family)
     model = methods.apply(obj.load(model_dir), s.method, s.kind, s.method_options, seed=s.seed,
                           objective=s.objective).to(device)
     data = obj.encode(tok, read_jsonl(train_file), s.max_length)
@@ -311,6 +315,7 @@ def run(settings: RunSettings, model_dir: Path, train_file: Path, out_dir: Path,
     start = state["step"]
     state["segments"].append({"start": start, "stop": plan.steps})
 
+    lengths = [len(e.input_ids) for e in data]
     model.train()
     t0 = last_ckpt = time.monotonic()
     bar = tqdm(sampling.logical_batches(plan.dataset_size, plan.batch_size, plan.steps, s.seed, plan.sampling,
@@ -322,8 +327,8 @@ def run(settings: RunSettings, model_dir: Path, train_file: Path, out_dir: Path,
             torch.manual_seed(distributed.step_seed(s.seed, step, rank))  # dropout: per rank, resumable
         shard = distributed.shard(idx, rank, world)
         losses_sum, count = 0.0, 0
-        for lo in range(0, len(shard), s.physical_batch_size):
-            chunk = [data[i] for i in shard[lo: lo + s.physical_batch_size]]
+        for part in sampling.physical_batches(shard, lengths, s.physical_batch_size, s.physical_tokens):
+            chunk = [data[i] for i in part]
             batch = obj.collate(chunk, tok.pad_token_id, device)
             if plan.private:
                 with engine.capture(batch_size=len(chunk)), _autocast(s.precision, device):
@@ -407,7 +412,7 @@ def run(settings: RunSettings, model_dir: Path, train_file: Path, out_dir: Path,
         "steps": plan.steps, "final_loss": state["log"][-1]["loss"], "seconds": elapsed,
         "seconds_per_step": elapsed / plan.steps,
         "trainable_parameters": int(sum(p.numel() for p in params)), "total_parameters": total,
-        "method": s.method, "device": str(device), "world_size": world,
+        "method": s.method, "objective_family": obj.family, "device": str(device), "world_size": world,
         "settings": asdict(s), "skipped_steps": state["skipped"], "segments": state["segments"],
         # ‖noise‖ / ‖clipped gradient‖ of the averaged update, mean over steps: grows with the dimension
         "noise_to_signal": noise / max(1e-12, grads) if plan.private else 0.0,
@@ -418,6 +423,29 @@ def run(settings: RunSettings, model_dir: Path, train_file: Path, out_dir: Path,
     write_json(out_dir / "train_metrics.json", train_metrics)
     write_json(out_dir / "privacy.json", report)  # last: its presence means the run finished
     checkpoint.clear(ckpt_dir)
+    return {"privacy": report, "train": train_metrics}
+
+
+def _zero_shot(s: RunSettings, model, tok, out_dir: Path, family: str | None) -> dict:
+    """The untrained model with the run's objective: no training data is read, so ε = 0."""
+    if s.objective == "head" and s.kind != "table2text":
+        raise ValueError("train.zero_shot with objective: head would evaluate a randomly initialised "
+                         "classification head; zero-shot rows need objective: prompt (or a table-to-text task)")
+    with atomic_dir(out_dir / "model") as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    total = methods.count_parameters(model)[1]
+    report = {"epsilon": 0.0, "delta": 0.0, "private": False, "zero_shot": True, "target_epsilon": None,
+              "steps": 0, "dataset_size": 0, "noise_multiplier": 0.0, "seed": s.seed,
+              "guarantee": "no training example was read: the released model is the prepared model (ε = 0)",
+              "warnings": [], "versions": _versions()}
+    train_metrics = {"steps": 0, "final_loss": None, "seconds": 0.0, "seconds_per_step": 0.0,
+                     "trainable_parameters": 0, "total_parameters": total, "method": s.method,
+                     "objective_family": family, "device": "none", "world_size": 1, "settings": asdict(s),
+                     "skipped_steps": [], "segments": []}
+    write_json(out_dir / "train_log.json", [])
+    write_json(out_dir / "train_metrics.json", train_metrics)
+    write_json(out_dir / "privacy.json", report)
     return {"privacy": report, "train": train_metrics}
 
 

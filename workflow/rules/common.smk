@@ -11,7 +11,7 @@ PAPERS = sorted({r.paper for r in RUNS})
 wildcard_constraints:
     eps=r"inf|[0-9]+(\.[0-9]+)?",
     seed=r"\d+",
-    method=r"[a-z_0-9]+(/bs~[0-9]+_lr~[0-9.e+-]+)?",
+    method=r"[a-z_0-9]+(/[a-zA-Z]+~[a-z0-9.e+-]+(_[a-zA-Z]+~[a-z0-9.e+-]+)*)?",
     part=r"train|eval|eval_mm|public~[a-z_]+",
     source=r"train|dp-eps[0-9.e+-]+|public-[a-z0-9]+-[a-z_]+",
     pd=r"[0-9.]+",
@@ -57,8 +57,16 @@ def benchmark_args(device):
     return args
 
 
+def claims_inputs(wildcards):
+    inputs = {"tables": [f"results/tables/{paper}.csv" for paper in PAPERS]}
+    if config.get("benchmark", {}).get("in_report"):
+        inputs["benchmark"] = "results/benchmarks/clipping_cpu.json"
+    return inputs
+
+
 def report_targets():
-    out = ["results/privacy_audit.json", "results/provenance/config.yaml", "results/provenance/software.tsv"]
+    out = ["results/privacy_audit.json", "results/provenance/config.yaml", "results/provenance/software.tsv",
+           "results/claims.md"]
     for paper in PAPERS:
         out += [f"results/tables/{paper}.{ext}" for ext in ("md", "csv", "tex")]
         out += [f"results/figures/{paper}_{fig}.png" for fig in paper_figures(RUNS, paper)]

@@ -43,7 +43,7 @@ def save_png_svg(fig, out_png) -> None:
 def _main_metric_rows(table_csv) -> pd.DataFrame:
     """The rows of a results table that hold each task's headline metric."""
     df = pd.read_csv(table_csv, dtype={"eps": str, "variant": str}, keep_default_na=False,
-                     na_values={"ours": [""], "published": [""], "batch_size": [""], "lr": [""]})
+                     na_values={"ours": [""], "published": [""], "batch_size": [""], "lr": [""], "clip_norm": [""]})
     return df[df.apply(lambda r: MAIN_METRIC.get(r.task) == r.metric, axis=1)]
 
 
@@ -58,8 +58,11 @@ def _empty(ax, text: str) -> None:
 
 
 def metric_vs_epsilon(inputs, out_png) -> None:
-    """One panel per (task, method): metric against ε, a line per model, non-private dashed."""
+    """One panel per (task, method): metric against ε, a line per model, non-private dashed, the zero-shot
+    model (same objective, no training) dotted."""
     df = main_runs(_main_metric_rows(inputs[0]))
+    zero = df[df.method == "zeroshot"]
+    df = df[df.method != "zeroshot"]
     groups = list(df.groupby(["task", "method"]))
     fig, axes = _panels(len(groups))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -77,6 +80,9 @@ def metric_vs_epsilon(inputs, out_png) -> None:
             if len(nonpriv):
                 ax.axhline(nonpriv.mean(), ls="--", color=c, alpha=0.7,
                            label=f"{model} non-private ({nonpriv.mean():.1f})")
+            zs = zero[(zero.task == task) & (zero.model == model)].ours
+            if len(zs):
+                ax.axhline(zs.mean(), ls=":", color=c, alpha=0.9, label=f"{model} zero-shot ({zs.mean():.1f})")
         pub = g.dropna(subset=["published"])
         pub = pub[pub.eps != "inf"].drop_duplicates(["eps", "published_model"])
         for model, gp in pub.groupby("published_model"):
@@ -95,7 +101,7 @@ def metric_vs_epsilon(inputs, out_png) -> None:
 def hparam_heatmap(inputs, out_png) -> None:
     """One panel per (task, model, method, ε) of a sweep: the metric on the batch size × lr grid."""
     df = _main_metric_rows(inputs[0])
-    df = df[df.variant != ""]
+    df = df[df.variant.str.contains("bs~") & df.variant.str.contains("lr~")]
     groups = list(df.groupby(["task", "model", "method", "eps"]))
     fig, axes = _panels(len(groups), width=4.8, height=3.8)
     for ax, ((task, model, method, eps), g) in zip(axes, groups):

@@ -16,10 +16,12 @@ import pandas as pd
 from ..io import read_json, write_atomic
 
 PERCENT = {"accuracy", "accuracy_mm", "f1", "mcc", "pearson", "spearman"}
-COLUMNS = ["task", "model", "method", "variant", "batch_size", "lr", "eps", "seed", "metric", "ours",
-           "epsilon_spent", "noise_multiplier", "trainable_parameters", "noise_to_signal",
+COLUMNS = ["task", "model", "method", "objective", "variant", "batch_size", "lr", "clip_norm", "eps", "seed",
+           "metric", "ours",
+           "epsilon_spent", "noise_multiplier", "train_batch_size", "dataset_size", "trainable_parameters",
+           "noise_to_signal",
            "published", "published_model", "published_source"]
-METHOD_ORDER = ["full", "lora", "rgp", "prefix", "top2", "retrain", "vanilla", "ct_f", "ct_d"]
+METHOD_ORDER = ["zeroshot", "full", "lora", "rgp", "prefix", "top2", "retrain", "vanilla", "ct_f", "ct_d"]
 METRIC_ORDER = ["accuracy", "accuracy_mm", "f1", "mcc", "pearson", "spearman",
                 "bleu", "nist", "meteor", "rouge_l", "cider"]
 TASK_NAMES = {"sst2": "SST-2", "qnli": "QNLI", "mnli": "MNLI", "qqp": "QQP", "cola": "CoLA", "rte": "RTE",
@@ -67,10 +69,12 @@ def collect(metric_files) -> pd.DataFrame:
         for name, value in m["metrics"].items():
             v = float(value) * (100 if name in PERCENT else 1)
             rows.append({"task": m["task"], "model": m["model"], "method": m["method"],
-                         "variant": m.get("variant", ""), "batch_size": hp.get("batch_size"), "lr": hp.get("lr"),
+                         "objective": m.get("objective", "head"), "variant": m.get("variant", ""),
+                         "batch_size": hp.get("batch_size"), "lr": hp.get("lr"), "clip_norm": hp.get("clip_norm", m.get("clip_norm")),
                          "eps": str(m["eps"]), "seed": int(m["seed"]), "metric": name, "ours": round(v, 2),
                          "epsilon_spent": None if m.get("epsilon_spent") is None else round(m["epsilon_spent"], 3),
                          "noise_multiplier": round(m.get("noise_multiplier") or 0.0, 4),
+                         "train_batch_size": m.get("train_batch_size"), "dataset_size": m.get("dataset_size"),
                          "trainable_parameters": m.get("trainable_parameters"),
                          "noise_to_signal": None if m.get("noise_to_signal") is None else round(m["noise_to_signal"], 3)})
     return pd.DataFrame(rows)
@@ -124,7 +128,7 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _eps_label(e: str) -> str:
-    return "non-private" if e == "inf" else e
+    return {"inf": "non-private", "0": "0 (zero-shot: no training)"}.get(e, e)
 
 
 def paper_table(df: pd.DataFrame, paper: str, layout: Layout) -> pd.DataFrame:
@@ -236,8 +240,8 @@ def write_tables(metric_files, paper: str, md_path, csv_path, tex_path=None) -> 
                summary(main).to_markdown(index=False), ""]
     sweep = df[df.variant.fillna("") != ""]
     if not sweep.empty:
-        grid = sweep.groupby(["task", "model", "method", "eps", "metric", "batch_size", "lr"]).ours.mean()
-        md += ["## Hyper-parameter sweep (batch size × learning rate), mean over seeds", "",
+        grid = sweep.groupby(["task", "model", "method", "eps", "metric", "variant"]).ours.mean()
+        md += ["## Grid points (batch size, learning rate, clipping norm, objective), mean over seeds", "",
                grid.reset_index().to_markdown(index=False), ""]
     md += ["## Every run", "", df.astype(object).fillna("").to_markdown(index=False), ""]
     write_atomic(md_path, "\n".join(md))
