@@ -83,3 +83,23 @@ rule privacy_audit:
         "../../envs/privtune.yaml"
     script:
         "../scripts/privacy_audit.py"
+
+
+# Each finding of the two papers with our numbers and a verdict computed by a stated rule.
+rule claims:
+    input:
+        unpack(claims_inputs),
+    output:
+        report("results/claims.md", caption="../report/claims.rst", category="claims",
+               labels={"file": "claims report"}),
+    log:
+        "logs/claims.log",
+    benchmark:
+        "benchmarks/claims.tsv"
+    params:
+        preset=config.get("preset", "custom"),
+    threads: 1
+    conda:
+        "../../envs/privtune.yaml"
+    script:
+        "../scripts/claims.py"
