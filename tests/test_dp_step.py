@@ -127,3 +127,42 @@ def test_privatize_draws_the_same_noise_as_one_randn_per_parameter():
     for p in params:
         want = (0.5 + torch.randn(p.shape, generator=g) * (0.7 * 0.3)) / 4
         assert torch.equal(p.grad, want), p.shape
+
+
+@pytest.mark.parametrize("mode", ["bk", "ghost"])
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_one_non_finite_example_leaves_the_clipped_sum_of_the_others(float64, mode, bad):
+    """A NaN or infinite loss gives that example weight 0, and its contribution is selected away:
+    the sum is exactly the clipped sum of the other examples (no NaN, sensitivity still C)."""
+    from transformers import AutoModelForCausalLM
+
+    from privtune.architectures import tiny_config
+    from privtune.dp.engine import GhostClipEngine
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("gpt2", vocab_size=50), dtype=torch.float64).eval()
+    ids = torch.randint(0, 50, (4, 7))
+
+    def losses_of(x, scale=None):
+        logits = model(input_ids=x).logits[:, :-1]
+        tok = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none").mean(1)
+        return tok if scale is None else tok * scale
+
+    engine = GhostClipEngine(model, clip_norm=0.01, mode=mode)
+    engine.zero_grad()
+    with engine.capture(batch_size=3):
+        losses = losses_of(ids[[0, 2, 3]])
+    engine.backward(losses)
+    want = [p.grad.clone() for p in engine.params]
+
+    engine.zero_grad()
+    scale = torch.ones(4, dtype=torch.float64)
+    scale[1] = bad
+    with engine.capture(batch_size=4):
+        losses = losses_of(ids, scale)
+    norms = engine.backward(losses)
+    assert not torch.isfinite(norms[1]) and torch.isfinite(norms[[0, 2, 3]]).all()
+    for p, w in zip(engine.params, want):
+        assert torch.isfinite(p.grad).all(), engine.param_names[id(p)]
+        torch.testing.assert_close(p.grad, w, rtol=1e-9, atol=1e-12)
+    engine.detach()

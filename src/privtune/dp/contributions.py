@@ -81,15 +81,23 @@ class OuterSum:
         out = self.v.new_zeros(self.batch, self.rows, self.cols)
         return out.scatter_add_(1, self.u_idx.unsqueeze(-1).expand_as(self.v), self.v)
 
-    def weighted_sum(self, weights: Tensor, out: Tensor | None = None) -> Tensor:
+    def weighted_sum(self, weights: Tensor, out: Tensor | None = None, keep: Tensor | None = None) -> Tensor:
         """``Σ_b w_b G_b`` (rows, cols) without per-example gradients (book-keeping).
 
         With ``out`` (rows, cols) the sum is added into it in place (no temporary of the
         parameter's size: a tied GPT-2 embedding's two contributions are 154 MB each).
+        ``keep`` (B,) bool: examples outside it are left out by selection, so a non-finite
+        factor of theirs cannot reach the sum (0 · inf would be NaN).
         """
-        v = (self.v * weights.to(self.v.dtype).view(-1, 1, 1)).reshape(-1, self.cols)
-        if self.u is not None:
-            u = self.u.reshape(-1, self.rows).transpose(0, 1)
+        v = self.v * weights.to(self.v.dtype).view(-1, 1, 1)
+        u = self.u
+        if keep is not None:
+            v = torch.where(keep.view(-1, 1, 1), v, torch.zeros((), dtype=v.dtype, device=v.device))
+            if u is not None:
+                u = torch.where(keep.view(-1, 1, 1), u, torch.zeros((), dtype=u.dtype, device=u.device))
+        v = v.reshape(-1, self.cols)
+        if u is not None:
+            u = u.reshape(-1, self.rows).transpose(0, 1)
             return u @ v if out is None else out.addmm_(u, v)
         if out is None:
             out = v.new_zeros(self.rows, self.cols)
@@ -120,8 +128,12 @@ class Direct:
     def instantiate(self) -> Tensor:
         return self.grad
 
-    def weighted_sum(self, weights: Tensor, out: Tensor | None = None) -> Tensor:
-        g = torch.einsum("b...,b->...", self.grad, weights.to(self.grad.dtype))
+    def weighted_sum(self, weights: Tensor, out: Tensor | None = None, keep: Tensor | None = None) -> Tensor:
+        grad = self.grad
+        if keep is not None:
+            shape = (-1,) + (1,) * (grad.dim() - 1)
+            grad = torch.where(keep.view(shape), grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
+        g = torch.einsum("b...,b->...", grad, weights.to(grad.dtype))
         return g if out is None else out.add_(g)
 
 

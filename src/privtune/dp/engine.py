@@ -238,7 +238,10 @@ class GhostClipEngine:
         return self.params[0].dtype == torch.float64
 
     def clip_factors(self, norms: Tensor) -> Tensor:
-        return (self.clip_norm / (norms + self.eps)).clamp(max=1.0)
+        """``min(1, C / ‖∇L_b‖)``, and 0 for an example whose norm is not finite (NaN or inf): such an
+        example is dropped from the sum, which stays the clipped sum of the others (sensitivity C)."""
+        factors = (self.clip_norm / (norms + self.eps)).clamp(max=1.0)
+        return torch.where(torch.isfinite(norms), factors, torch.zeros_like(factors))
 
     def per_example_norms(self, losses: Tensor) -> Tensor:
         """Per-example gradient norms only (no gradient is written)."""
@@ -250,7 +253,14 @@ class GhostClipEngine:
         contribs = self._contributions(losses, retain_graph=self.mode == "ghost")
         norms = self._norms(contribs, losses.shape[0], losses.device)
         factors = self.clip_factors(norms)
-        if self.mode == "ghost":
+        # An example with a non-finite norm has weight 0, but 0 · inf is NaN: its contributions are
+        # selected away (torch.where), not multiplied. Checked once per physical batch; the usual
+        # all-finite case pays nothing more. The two-pass mode's second backward would multiply too,
+        # so such a batch takes the book-keeping sums from the first pass instead.
+        keep = None
+        if not bool(torch.isfinite(norms).all()):
+            keep = torch.isfinite(norms)
+        if self.mode == "ghost" and keep is None:
             del contribs  # the second pass needs only the factors
             (losses * factors.detach().to(losses.dtype)).sum().backward()
         else:
@@ -264,7 +274,7 @@ class GhostClipEngine:
                 if acc is None or acc.dtype != cs[0].dtype or not acc.is_contiguous():
                     acc = torch.zeros(p.shape, dtype=cs[0].dtype, device=p.device)
                 for c in cs:
-                    c.weighted_sum(factors, out=acc.view(c.sum_shape))
+                    c.weighted_sum(factors, out=acc.view(c.sum_shape), keep=keep)
                 if acc is not p.grad:
                     acc = acc.to(p.dtype)
                     p.grad = acc if p.grad is None else p.grad + acc
