@@ -88,3 +88,12 @@ def test_report_states_every_rule_and_its_threshold():
     for c in claims.CLAIMS:
         assert c.rule in text and f"({c.key})" in text
     assert f"{claims.DP_GAP:g} points" in text and "**holds**" in text
+
+
+def test_runs_are_listed_against_the_zero_shot_row():
+    rows = [row(method="zeroshot", eps="0", ours=71.0), row(eps="8", ours=70.5), row(eps="inf", ours=80.0),
+            row(objective="head", variant="obj~head", ours=50.0)]
+    lines = claims.against_zero_shot(pd.DataFrame(rows))
+    assert len(lines) == 2  # the head run has no zero-shot row of its own objective
+    assert any("ε=8: 70.50, zero-shot 71.00 (-0.50)" in x for x in lines)
+    assert "Reference" in render(evaluate_claims(pd.DataFrame(rows)), "quick", lines)

@@ -193,13 +193,15 @@ def test_zero_shot_runs_read_no_data_and_spend_no_epsilon():
 
 
 def test_sweeps_over_objective_and_clipping_norm_have_their_own_paths():
+    quick = load("config.yaml")
+    head = next(r for r in expand_runs(quick) if r.experiment == "li2022-sst2-head")
+    assert head.directory == "results/li2022/sst2/minilm/full/obj~head/eps~8/seed~0"
+    assert run_settings(quick, head).get("objective", "head") == "head"
+    assert head.eval_spec(quick)["meta"]["objective"] == "head"
     cfg = load("config/claims.yaml")
     runs = expand_runs(cfg)
-    head = next(r for r in runs if r.experiment == "li2022-sst2-head")
     clip = next(r for r in runs if r.experiment == "li2022-sst2-clip")
-    assert head.directory == "results/li2022/sst2/minilm/full/obj~head/eps~8/seed~0"
     assert clip.directory == "results/li2022/sst2/minilm/full/C~10/eps~8/seed~0"
-    assert run_settings(cfg, head).get("objective", "head") == "head" and head.eval_spec(cfg)["meta"]["objective"] == "head"
     assert run_settings(cfg, clip)["clip_norm"] == 10.0 and run_settings(cfg, clip)["objective"] == "prompt"
     grid = [r for r in runs if r.experiment == "li2022-sst2-sweep"]
     assert sorted(r.variant for r in grid) == ["bs~1024_lr~0.0005", "bs~1024_lr~5e-05", "bs~64_lr~0.0005",

@@ -187,7 +187,8 @@ def claim_e(df: pd.DataFrame, bench=None) -> Verdict:
     if not recs:
         return Verdict("e", UNTESTABLE, why="the benchmark has no memory ratio for ours_bk")
     nums = [f"{r['shape']} on {bench.get('device')}: peak memory {r['memory_ratio']:.2f}× non-private, time "
-            f"{r['time_ratio']:.2f}×" for r in recs]
+            f"{r['time_ratio']:.2f}×" + (f" ({r['time_ratio_interleaved']:.2f}× alternated in one process)"
+                                         if r.get("time_ratio_interleaved") else "") for r in recs]
     ok = all(r["memory_ratio"] <= MEMORY_RATIO for r in recs)
     return Verdict("e", HOLDS if ok else FAILS, nums, "" if ok else "peak memory above the threshold on a shape")
 
@@ -286,7 +287,22 @@ def load_tables(csv_paths) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def render(results: list[tuple[Claim, Verdict]], preset: str = "") -> str:
+def against_zero_shot(df: pd.DataFrame) -> list[str]:
+    """Each trained run beside the zero-shot row of the same task, model and objective: what training adds
+    (no verdict: the zero-shot model is our reference, not a finding of the papers)."""
+    df = headline(df)
+    lines = []
+    zero = df[df.method == "zeroshot"]
+    for (task, model, obj), z in zero.groupby(["task", "model", "objective"]):
+        runs = df[(df.task == task) & (df.model == model) & (df.objective == obj) & (df.method != "zeroshot")
+                  & ~df.variant.str.contains("bs~")]
+        for (method, variant, eps), g in runs.groupby(["method", "variant", "eps"]):
+            lines.append(f"{_label(task, model, method, eps, obj, variant)}: {_mean(g):.2f}, zero-shot {_mean(z):.2f} "
+                         f"({_mean(g) - _mean(z):+.2f})")
+    return lines
+
+
+def render(results: list[tuple[Claim, Verdict]], preset: str = "", zero_shot: list[str] = ()) -> str:
     lines = ["# Claims of the two papers, tested on this preset's runs", "",
              f"Preset: **{preset or 'custom'}**. Each verdict is computed from the tables in results/tables/ by "
              "the rule shown (privtune.report.claims); none is written by hand. Numbers are each task's headline "
@@ -299,11 +315,16 @@ def render(results: list[tuple[Claim, Verdict]], preset: str = "") -> str:
         lines += [f"- {n}" for n in v.numbers] or ["- (no runs)"]
         if v.why:
             lines += ["", f"{'Missing' if v.verdict == UNTESTABLE else 'Why'}: {v.why}."]
+    if zero_shot:
+        lines += ["", "## Reference: each run against the zero-shot model (same objective, no training)", "",
+                  "What fine-tuning adds to the untrained model; the zero-shot row reads no training data (ε = 0).",
+                  ""] + [f"- {z}" for z in zero_shot]
     return "\n".join(lines) + "\n"
 
 
 def write_claims(csv_paths, out_md, bench_json=None, preset: str = "") -> list[tuple[Claim, Verdict]]:
     bench = read_json(bench_json) if bench_json and Path(bench_json).exists() else None
-    results = evaluate_claims(load_tables(csv_paths), bench)
-    write_atomic(out_md, render(results, preset))
+    df = load_tables(csv_paths)
+    results = evaluate_claims(df, bench)
+    write_atomic(out_md, render(results, preset, against_zero_shot(df)))
     return results
