@@ -202,6 +202,14 @@ def test_dp_fisher_mask_composes_with_training_into_the_reported_epsilon(tmp_pat
     assert training_alone < rep["epsilon"] <= 8.0 * 1.01  # the Fisher's cost is inside the reported ε
     assert rep["fisher_mask"]["source"] == "dp" and rep["fisher_mask"]["covered_by_reported_epsilon"]
     assert not rep["warnings"] and audit_report(rep)["ok"]
+    # earlier releases named in the settings are composed with the mask's events, not replaced by them
+    earlier = {"noise_multiplier": 3.0, "sample_rate": 1.0, "steps": 1, "label": "earlier"}
+    s = RunSettings(kind="classification", child="ct_d", epsilon=8.0, delta=1e-3, batch_size=8, steps=2,
+                    max_length=32, prior_events=[earlier])
+    rep2 = run(s, tiny_models / "bert", tmp_path / "train.jsonl", tmp_path / "run2", mask_file=tmp_path / "dp.pt",
+               progress=False)["privacy"]
+    assert [e["label"] for e in rep2["events"]] == ["earlier", "dp_fisher", "training"]
+    assert rep2["noise_multiplier"] > rep["noise_multiplier"]  # less budget left for training
 
 
 def test_public_fisher_mask_costs_nothing_and_says_where_it_came_from(tmp_path, tiny_models):

@@ -281,7 +281,8 @@ def run(settings: RunSettings, model_dir: Path, train_file: Path, out_dir: Path,
         payload = torch.load(mask_file, map_location="cpu")
         masks, mask_info = payload["masks"], payload.get("info")
         child.check_mask_fits(model, masks, str(mask_file))
-        s.prior_events = s.prior_events or payload.get("privacy_events", [])
+        # composed with whatever earlier releases the settings name, never in place of them
+        s.prior_events = [*s.prior_events, *payload.get("privacy_events", [])]
 
     plan = plan_privacy(s, len(data))  # every refusal happens here, before the first step
     engine = None
