@@ -33,7 +33,7 @@ def test_every_table_and_figure_exists_and_holds_numbers(tiny_run):
         assert pd.api.types.is_numeric_dtype(df["ours"])
         assert (work / f"results/tables/{paper}.md").read_text().count("|") > 20
     li = pd.read_csv(work / "results/tables/li2022.csv", dtype={"eps": str})
-    dp = li[li.eps != "inf"]
+    dp = li[~li.eps.isin(["inf", "0"])]  # 0: the zero-shot row
     assert (dp.epsilon_spent <= dp.eps.astype(float) * 1.0001).all()  # never above the target
     assert (dp.epsilon_spent >= dp.eps.astype(float) * 0.95).all()    # and the budget is used
     figs = [f"results/figures/{f}.png" for f in ("li2022_metric_vs_epsilon", "li2022_hparam_heatmap",
@@ -50,6 +50,10 @@ def test_every_table_and_figure_exists_and_holds_numbers(tiny_run):
     assert inter and all(len(r["round_ratios"]) == 2 and r["time_ratio_interleaved"] > 0 for r in inter)
     sweep = li[li.variant.notna()]
     assert sorted(set(zip(sweep.batch_size, sweep.lr))) == [(8, 0.001), (8, 0.003), (16, 0.001), (16, 0.003)]
+    zero = li[li.method == "zeroshot"]  # the untrained model with the prompt objective, ε = 0
+    assert len(zero) == 1 and zero.eps.iloc[0] == "0" and zero.trainable_parameters.iloc[0] == 0
+    claims = (work / "results/claims.md").read_text()
+    assert claims.count("**Verdict: ") == 8 and "zero-shot" in claims
 
 
 def test_report_holds_every_table_and_figure_with_captions(tiny_run):
@@ -62,7 +66,7 @@ def test_report_holds_every_table_and_figure_with_captions(tiny_run):
         html = z.read("report/report.html").decode()
     for f in ("li2022_metric_vs_epsilon.png", "li2022_hparam_heatmap.png", "li2022_epsilon_vs_steps.png",
               "xu2021_child_tuning.png", "xu2021_epsilon_vs_steps.png", "clipping_cpu.png", "li2022.tex",
-              "xu2021.md", "li2022.csv", "config.yaml", "software.tsv", "privacy_audit.json"):
+              "xu2021.md", "li2022.csv", "config.yaml", "software.tsv", "privacy_audit.json", "claims.md"):
         assert f in names
     # captions rendered with the config that produced each result
     assert "Produced by" in html and "li2022-sst2-sweep" in html and "Preset <strong>tiny</strong>" in html

@@ -53,7 +53,7 @@ def test_every_quick_preset_dp_run_passes_an_independent_audit(data_dir):
         assert result["reported"] >= max(result["independent"].values())
         assert record["epsilon"] <= s.epsilon * 1.01, (r, record["epsilon_by_accountant"])
         audited += 1
-    assert audited >= 7  # SST-2 and E2E at ε 3 and 8; CoLA's vanilla, CT_F, CT_D at ε 8
+    assert audited >= 7  # SST-2 at ε 3 and 8 (prompt and head), its 2 × 2 sweep; E2E full and LoRA at ε 8
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,7 @@ def test_audit_command_fails_and_writes_nothing_on_a_bad_report(tmp_path, record
 def test_results_on_disk_pass_the_audit():
     """Whatever runs this checkout has produced (CI runs the quick preset first) pass the audit."""
     reports = [*(ROOT / "results").glob("*/*/*/*/eps~*/seed~*/privacy.json"),  # a sweep's grid points sit
-               *(ROOT / "results").glob("*/*/*/*/bs~*/eps~*/seed~*/privacy.json")]  # one folder deeper
+               *(ROOT / "results").glob("*/*/*/*/*~*/eps~*/seed~*/privacy.json")]  # one folder deeper
     if not reports:
         pytest.skip("no runs under results/ yet (run the quick preset first)")
     out = subprocess.run([sys.executable, "-m", "privtune.dp.audit", *map(str, reports)],
