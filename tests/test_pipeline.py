@@ -199,6 +199,8 @@ def test_sweeps_over_objective_and_clipping_norm_have_their_own_paths():
     assert run_settings(quick, head).get("objective", "head") == "head"
     assert head.eval_spec(quick)["meta"]["objective"] == "head"
     cfg = load("config/claims.yaml")
+    cfg["experiments"].append(dict(next(e for e in cfg["experiments"] if e["name"] == "li2022-sst2"),
+                                   name="li2022-sst2-clip", sweep={"clip_norm": [10.0]}, zero_shot=False, epsilons=[8]))
     runs = expand_runs(cfg)
     clip = next(r for r in runs if r.experiment == "li2022-sst2-clip")
     assert clip.directory == "results/li2022/sst2/minilm/full/C~10/eps~8/seed~0"
