@@ -97,3 +97,14 @@ def test_runs_are_listed_against_the_zero_shot_row():
     assert len(lines) == 2  # the head run has no zero-shot row of its own objective
     assert any("ε=8: 70.50, zero-shot 71.00 (-0.50)" in x for x in lines)
     assert "Reference" in render(evaluate_claims(pd.DataFrame(rows)), "quick", lines)
+
+
+def test_ties_of_runs_that_learned_nothing_are_not_tests():
+    child = [row("cola", method=m, eps="inf", objective="head", ours=0.0) for m in ("vanilla", "ct_f", "ct_d")]
+    v = verdicts(child)
+    assert v["g"].verdict == v["h"].verdict == UNTESTABLE and "tie" in v["h"].why
+    flat = [row("e2e", method="zeroshot", eps="0", ours=22.0, objective="head"),
+            row("e2e", method="full", ours=22.1, objective="head"), row("e2e", method="lora", ours=22.0,
+                                                                        objective="head")]
+    v = verdicts(flat)["f"]
+    assert v.verdict == UNTESTABLE and "zero-shot" in v.why and v.numbers

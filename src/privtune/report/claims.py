@@ -32,6 +32,7 @@ CLIP_TOLERANCE = 1.0  # (c) small C may be at most this far below the large C
 ALIGNED_MARGIN = 1.0  # (d) the aligned objective beats the head by more than this
 MEMORY_RATIO = 1.2  # (e) ghost clipping's peak memory at most this times non-private
 PARAM_TOLERANCE = 1.0  # (f) full fine-tuning at most this far below LoRA / top2
+MOVED = 0.5  # (f) a DP run closer than this to the zero-shot model has not learned: it tests nothing
 CHILD_TASKS = ("cola", "rte", "mrpc", "stsb")
 
 
@@ -197,23 +198,35 @@ def claim_f(df: pd.DataFrame, bench=None) -> Verdict:
     dp = _main(df)
     dp = dp[(dp.eps != "inf") & (dp.eps != "0")]
     nums, results = [], []
+    unmoved = []
     for (task, model, eps), g in dp.groupby(["task", "model", "eps"]):
         full = g[g.method == "full"]
         small = {m: _mean(g[g.method == m]) for m in ("lora", "top2", "prefix") if (g.method == m).any()}
         if not (len(full) and small):
             continue
+        zs = df[(df.task == task) & (df.model == model) & (df.method == "zeroshot")]
+        line = (f"{task} · {model} · ε={eps}: full {_mean(full):.2f}; "
+                + ", ".join(f"{m} {v:.2f}" for m, v in small.items())
+                + (f"; zero-shot {_mean(zs):.2f}" if len(zs) else ""))
+        nums.append(line)
+        if len(zs) and all(abs(v - _mean(zs)) < MOVED for v in [_mean(full), *small.values()]):
+            unmoved.append(f"{task}/{model} ε={eps}")  # nothing learned: equal because nothing moved
+            continue
         best = max(small.values())
         results.append(_mean(full) >= best - PARAM_TOLERANCE)
-        nums.append(f"{task} · {model} · ε={eps}: full {_mean(full):.2f}; "
-                    + ", ".join(f"{m} {v:.2f}" for m, v in small.items()))
     if not results:
-        return Verdict("f", UNTESTABLE, why="needs full fine-tuning beside LoRA, prefix or top2 under DP")
+        why = ("needs full fine-tuning beside LoRA, prefix or top2 under DP" if not unmoved else
+               f"every DP run is within {MOVED:g} of the zero-shot model ({', '.join(unmoved)}): none learned, "
+               "so their agreement says nothing about the number of trainable parameters")
+        return Verdict("f", UNTESTABLE, nums, why)
     ok = all(results)
     return Verdict("f", HOLDS if ok else FAILS, nums,
                    "" if ok else "a method with fewer trainable parameters does better under DP at this scale")
 
 
 def _child(df: pd.DataFrame):
+    """(task, {method: mean}) of the non-private Child-Tuning runs; tasks where every method scored the
+    same (all at the majority class, say) are left out: a tie of runs that learned nothing tests nothing."""
     base = _main(df)
     base = base[base.task.isin(CHILD_TASKS) & (base.eps == "inf")]
     for task, g in base.groupby("task"):
@@ -221,28 +234,45 @@ def _child(df: pd.DataFrame):
         yield task, means
 
 
+def _tied(m: dict) -> bool:
+    return len(m) > 1 and max(m.values()) - min(m.values()) < 1e-9
+
+
+def _child_missing(tied: list[str], what: str) -> str:
+    if tied:
+        return (f"on {', '.join(tied)} every method scored the same (no method learned beyond a constant "
+                "prediction at this preset's size): a tie tests nothing")
+    return f"needs {what} non-private on a task of Xu et al."
+
+
 def claim_g(df: pd.DataFrame, bench=None) -> Verdict:
-    nums, results = [], []
+    nums, results, tied = [], [], []
     for task, m in _child(df):
         if not {"vanilla", "ct_f", "ct_d"} <= set(m):
             continue
-        results.append(m["ct_f"] > m["vanilla"] and m["ct_d"] > m["vanilla"])
         nums.append(f"{task} non-private: vanilla {m['vanilla']:.2f}, CT_F {m['ct_f']:.2f}, CT_D {m['ct_d']:.2f}")
+        if _tied(m):
+            tied.append(task)
+            continue
+        results.append(m["ct_f"] > m["vanilla"] and m["ct_d"] > m["vanilla"])
     if not results:
-        return Verdict("g", UNTESTABLE, why="needs vanilla, CT_F and CT_D non-private on a task of Xu et al.")
+        return Verdict("g", UNTESTABLE, nums, _child_missing(tied, "vanilla, CT_F and CT_D"))
     ok = all(results)
     return Verdict("g", HOLDS if ok else FAILS, nums, "" if ok else "a Child-Tuning variant is not above vanilla")
 
 
 def claim_h(df: pd.DataFrame, bench=None) -> Verdict:
-    nums, results = [], []
+    nums, results, tied = [], [], []
     for task, m in _child(df):
         if not {"ct_f", "ct_d"} <= set(m):
             continue
-        results.append(m["ct_d"] >= m["ct_f"])
         nums.append(f"{task} non-private: CT_F {m['ct_f']:.2f}, CT_D {m['ct_d']:.2f}")
+        if _tied(m):
+            tied.append(task)
+            continue
+        results.append(m["ct_d"] >= m["ct_f"])
     if not results:
-        return Verdict("h", UNTESTABLE, why="needs CT_F and CT_D non-private on a task of Xu et al.")
+        return Verdict("h", UNTESTABLE, nums, _child_missing(tied, "CT_F and CT_D"))
     ok = all(results)
     return Verdict("h", HOLDS if ok else FAILS, nums, "" if ok else "CT_F is above CT_D")
 
@@ -264,11 +294,13 @@ CLAIMS = [
           claim_e),
     Claim("f", "li2022", "Fewer trainable parameters do not by themselves help under DP (full fine-tuning ≥ LoRA, "
           "top2).", f"under DP full fine-tuning at most {PARAM_TOLERANCE:g} point below the best of LoRA, prefix "
-          "and top2 (same task, model, ε)", claim_f),
+          f"and top2 (same task, model, ε); runs all within {MOVED:g} of the zero-shot model are not a test",
+          claim_f),
     Claim("g", "xu2021", "Child-Tuning_F and Child-Tuning_D beat vanilla fine-tuning.",
-          "non-private, CT_F and CT_D both strictly above vanilla on every task that ran all three", claim_g),
+          "non-private, CT_F and CT_D both strictly above vanilla on every task that ran all three (a task where "
+          "all three tie is not a test)", claim_g),
     Claim("h", "xu2021", "Child-Tuning_D is at least as good as Child-Tuning_F.",
-          "non-private, CT_D ≥ CT_F on every task that ran both", claim_h),
+          "non-private, CT_D ≥ CT_F on every task that ran both (a tie of all methods is not a test)", claim_h),
 ]
 
 
