@@ -179,18 +179,33 @@ def test_nonfinite_loss_stops_naming_the_step_and_writes_no_output(tmp_path, tin
     assert left <= {"checkpoint"}  # no model, no metrics, no privacy.json
 
 
-def test_skip_policy_skips_exactly_the_poisoned_updates_and_still_counts_them(tmp_path, tiny_models):
+def test_skip_policy_skips_exactly_the_poisoned_updates(tmp_path, tiny_models):
+    """Non-private, a NaN example makes its step's gradient NaN: exactly those updates are skipped."""
+    data, bad = _poisoned(tmp_path)
+    res = run(_regression(on_nonfinite="skip", epsilon=None), tiny_models / "bert", data, tmp_path / "run",
+              progress=False)
+    poisoned = [step for step, idx in sampling.logical_batches(len(SST), 8, 12, 0, "shuffle") if bad in idx]
+    assert poisoned and len(poisoned) < 12
+    assert res["train"]["skipped_steps"] == poisoned
+    assert all(torch.isfinite(w).all() for w in _weights(tmp_path / "run").values())
+    log = read_json(tmp_path / "run/train_log.json")
+    assert [e["step"] for e in log if e.get("skipped")] == poisoned
+
+
+def test_under_dp_a_poisoned_example_is_dropped_and_its_step_still_applied(tmp_path, tiny_models):
+    """Under DP the NaN example gets clip factor 0 (the engine selects it away): every update is the
+    clipped sum of the other examples plus noise, finite, so nothing is skipped, and every step counts."""
     data, bad = _poisoned(tmp_path)
     res = run(_regression(on_nonfinite="skip"), tiny_models / "bert", data, tmp_path / "run", progress=False)
     poisoned = [step for step, idx in sampling.logical_batches(len(SST), 8, 12, 0) if bad in idx]
     assert poisoned and len(poisoned) < 12
     rep = read_json(tmp_path / "run/privacy.json")
-    assert rep["skipped_steps"] == poisoned == res["train"]["skipped_steps"]
-    assert rep["steps"] == 12 and rep["events"][-1]["steps"] == 12  # skipped steps still spend privacy
+    assert rep["skipped_steps"] == [] == res["train"]["skipped_steps"]
+    assert rep["steps"] == 12 and rep["events"][-1]["steps"] == 12
     assert audit_report(rep)["ok"] and rep["epsilon"] <= 3.0
     assert all(torch.isfinite(w).all() for w in _weights(tmp_path / "run").values())
     log = read_json(tmp_path / "run/train_log.json")
-    assert [e["step"] for e in log if e.get("skipped")] == poisoned
+    assert [e["step"] for e in log if not math.isfinite(e["loss"])] == poisoned  # the loss shows it
 
 
 def test_unknown_nonfinite_policy_is_refused():
