@@ -85,6 +85,7 @@ def test_world_size_below_one_is_refused():
             RunSettings(kind="classification", world_size=bad)
 
 
+@pytest.mark.slow  # two gloo processes per case, against one: about a minute in all
 @pytest.mark.parametrize("name", list(CASES))
 def test_two_processes_end_where_one_does(trained, name):
     one, res1 = trained(name, 1)
@@ -121,6 +122,7 @@ class Crash(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_every_rank_resumes_from_the_checkpoint(trained, setup, monkeypatch):
     """A checkpoint (made here by a one-process run stopped after step 4, relabelled for two
     processes) is loaded by both ranks: the run ends where the uninterrupted ones do."""

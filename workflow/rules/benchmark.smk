@@ -13,7 +13,7 @@ rule benchmark_clipping:
         "benchmarks/benchmark_clipping/{device}.tsv"
     params:
         args=lambda wc: benchmark_args(wc.device),
-    threads: max(2, config["threads"])  # on a 2-core machine: alone, so its timings share no core
+    threads: config["threads"]
     resources:
         gpu=lambda wc: 1 if wc.device == "cuda" else 0,
         mem_mb=20000,
