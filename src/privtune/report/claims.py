@@ -245,36 +245,34 @@ def _child_missing(tied: list[str], what: str) -> str:
     return f"needs {what} non-private on a task of Xu et al."
 
 
-def claim_g(df: pd.DataFrame, bench=None) -> Verdict:
+def _child_claim(key: str, df: pd.DataFrame, need: set, what: str, holds, line, fail_why: str) -> Verdict:
+    """A Child-Tuning claim: ``holds(means)`` on every task that ran the methods in ``need``; tasks where
+    every method tied are listed but are no test."""
     nums, results, tied = [], [], []
     for task, m in _child(df):
-        if not {"vanilla", "ct_f", "ct_d"} <= set(m):
+        if not need <= set(m):
             continue
-        nums.append(f"{task} non-private: vanilla {m['vanilla']:.2f}, CT_F {m['ct_f']:.2f}, CT_D {m['ct_d']:.2f}")
+        nums.append(f"{task} non-private: {line(m)}")
         if _tied(m):
             tied.append(task)
             continue
-        results.append(m["ct_f"] > m["vanilla"] and m["ct_d"] > m["vanilla"])
+        results.append(holds(m))
     if not results:
-        return Verdict("g", UNTESTABLE, nums, _child_missing(tied, "vanilla, CT_F and CT_D"))
+        return Verdict(key, UNTESTABLE, nums, _child_missing(tied, what))
     ok = all(results)
-    return Verdict("g", HOLDS if ok else FAILS, nums, "" if ok else "a Child-Tuning variant is not above vanilla")
+    return Verdict(key, HOLDS if ok else FAILS, nums, "" if ok else fail_why)
+
+
+def claim_g(df: pd.DataFrame, bench=None) -> Verdict:
+    return _child_claim("g", df, {"vanilla", "ct_f", "ct_d"}, "vanilla, CT_F and CT_D",
+                        lambda m: m["ct_f"] > m["vanilla"] and m["ct_d"] > m["vanilla"],
+                        lambda m: f"vanilla {m['vanilla']:.2f}, CT_F {m['ct_f']:.2f}, CT_D {m['ct_d']:.2f}",
+                        "a Child-Tuning variant is not above vanilla")
 
 
 def claim_h(df: pd.DataFrame, bench=None) -> Verdict:
-    nums, results, tied = [], [], []
-    for task, m in _child(df):
-        if not {"ct_f", "ct_d"} <= set(m):
-            continue
-        nums.append(f"{task} non-private: CT_F {m['ct_f']:.2f}, CT_D {m['ct_d']:.2f}")
-        if _tied(m):
-            tied.append(task)
-            continue
-        results.append(m["ct_d"] >= m["ct_f"])
-    if not results:
-        return Verdict("h", UNTESTABLE, nums, _child_missing(tied, "CT_F and CT_D"))
-    ok = all(results)
-    return Verdict("h", HOLDS if ok else FAILS, nums, "" if ok else "CT_F is above CT_D")
+    return _child_claim("h", df, {"ct_f", "ct_d"}, "CT_F and CT_D", lambda m: m["ct_d"] >= m["ct_f"],
+                        lambda m: f"CT_F {m['ct_f']:.2f}, CT_D {m['ct_d']:.2f}", "CT_F is above CT_D")
 
 
 CLAIMS = [
