@@ -108,3 +108,13 @@ def test_ties_of_runs_that_learned_nothing_are_not_tests():
                                                                         objective="head")]
     v = verdicts(flat)["f"]
     assert v.verdict == UNTESTABLE and "zero-shot" in v.why and v.numbers
+
+
+def test_a_run_whose_epsilon_does_not_hold_enters_no_verdict():
+    """allow_unaccounted runs (guarantee_holds false) are left out and listed; alone they test nothing."""
+    rows = [row(eps="inf", ours=80.0), row(eps="8", ours=79.0, guarantee_holds=False)]
+    assert verdicts(rows)["a"].verdict == UNTESTABLE
+    assert verdicts([rows[0], {**rows[1], "guarantee_holds": True}])["a"].verdict == HOLDS
+    left = claims.unaccounted_runs(pd.DataFrame(rows))
+    assert len(left) == 1 and "ε=8" in left[0]
+    assert "Left out of every verdict" in render(evaluate_claims(pd.DataFrame(rows)), left_out=left)

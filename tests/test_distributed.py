@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from privtune import checkpoint, distributed
 from privtune.dp import sampling
 from privtune.io import read_json, write_jsonl
-from privtune.train import RunSettings, noise_seed, run
+from privtune.train import DIAGNOSTICS, RunSettings, noise_seed, run
 
 TEXTS = ["a great film", "dull and slow", "wonderful acting", "a mess", "loved it", "boring", "superb", "awful"]
 SST = [{"text_a": t, "text_b": None, "label": i % 2} for i, t in enumerate(TEXTS * 8)]  # 64 examples
@@ -46,9 +46,10 @@ def setup(tmp_path_factory, tiny_models):
 
 CASES = {  # name: settings (world_size aside)
     # Poisson batches of ~8, ~4 per rank in physical batches of 3: accumulation on each rank
-    "dp": dict(epsilon=8.0, delta=1e-3, batch_size=8, physical_batch_size=3),
+    "dp": dict(epsilon=8.0, delta=1e-3, batch_size=8, physical_batch_size=3, diagnostics=True),
     # batches of ~2: a rank's shard (even the whole batch) is often empty; masks from the noise generator
-    "dp_ct_f": dict(epsilon=8.0, delta=1e-3, batch_size=2, physical_batch_size=3, child="ct_f", p_f=0.5),
+    "dp_ct_f": dict(epsilon=8.0, delta=1e-3, batch_size=2, physical_batch_size=3, child="ct_f", p_f=0.5,
+                    diagnostics=True),
     # SGD: Adam's m/√v would turn rounding-level gradients (an attention key bias) into ±lr steps
     "nonprivate": dict(batch_size=8, physical_batch_size=3, optimizer="sgd", lr=0.05),
 }
@@ -98,15 +99,21 @@ def test_two_processes_end_where_one_does(trained, name):
     assert p2["noise_multiplier"] == p1["noise_multiplier"] and p2["epsilon"] == p1["epsilon"]
     if CASES[name].get("epsilon"):
         assert p1["noise_multiplier"] > 0 and p1["epsilon"] <= 8.0
-    log1, log2 = read_json(one / "train_log.json"), read_json(two / "train_log.json")
+    private = bool(CASES[name].get("epsilon"))
+    if private:  # batch sizes and losses are data statistics: only in the diagnostics file asked for
+        d1, d2 = read_json(one / DIAGNOSTICS), read_json(two / DIAGNOSTICS)
+        log1, log2 = d1["steps"], d2["steps"]
+        assert d2["noise_to_signal"] == pytest.approx(d1["noise_to_signal"], rel=1e-5)
+    else:
+        log1, log2 = read_json(one / "train_log.json"), read_json(two / "train_log.json")
     assert [e["batch"] for e in log1] == [e["batch"] for e in log2]
     np.testing.assert_allclose([e["loss"] for e in log2], [e["loss"] for e in log1], rtol=1e-6)
     m1, m2 = read_json(one / "train_metrics.json"), read_json(two / "train_metrics.json")
     assert (m1["world_size"], m2["world_size"]) == (1, 2) and m2["device"] == "cpu"
     assert res2["train"]["world_size"] == 2 and res2["privacy"]["epsilon"] == res1["privacy"]["epsilon"]
-    assert m2["noise_to_signal"] == pytest.approx(m1["noise_to_signal"], rel=1e-5)
     assert not (two / "checkpoint").exists()
-    assert sorted(p.name for p in two.iterdir()) == ["model", "privacy.json", "train_log.json", "train_metrics.json"]
+    assert sorted(p.name for p in two.iterdir()) == sorted(["model", "privacy.json", "train_log.json",
+                                                             "train_metrics.json", *([DIAGNOSTICS] * private)])
     before = load_file(one.parent / "bert-nodrop" / "model.safetensors")  # training moved the parameters
     moved = [float((w1[k] - before[k]).abs().max()) for k in w1 if k in before]  # tiny BERT: saved as a masked LM
     assert moved and max(moved) > 100 * PARAMS_TOL["atol"]

@@ -100,7 +100,7 @@ def test_every_fine_tuning_method_trains_and_evaluates(tiny_run):
         train = json.loads((base / method / "eps~8/seed~0/train_metrics.json").read_text())
         metrics = json.loads((base / method / "eps~8/seed~0/metrics.json").read_text())
         assert train["method"] == method and train["settings"]["method"] == method
-        assert train["noise_norm_mean"] > 0 and train["gradient_norm_mean"] > 0
+        assert train["noise_norm_mean"] > 0 and "gradient_norm_mean" not in train  # a data statistic: not shipped
         assert metrics["trainable_parameters"] == train["trainable_parameters"]
         assert {"bleu", "rouge_l"} <= set(metrics["metrics"])
         counts[method] = train["trainable_parameters"]

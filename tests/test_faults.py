@@ -19,7 +19,7 @@ from privtune import checkpoint, train
 from privtune.dp import sampling
 from privtune.dp.audit import audit_report
 from privtune.io import atomic_dir, atomic_path, read_json, write_json, write_jsonl
-from privtune.train import NonFiniteError, RunSettings, run
+from privtune.train import DIAGNOSTICS, NonFiniteError, RunSettings, run
 
 SST = [{"text_a": t, "text_b": None, "label": i % 2} for i, t in enumerate(
     ["a great film", "dull and slow", "wonderful acting", "a mess", "loved it", "boring", "superb", "awful"] * 4)]
@@ -170,9 +170,10 @@ def _regression(**kw):
 
 
 def test_nonfinite_loss_stops_naming_the_step_and_writes_no_output(tmp_path, tiny_models):
+    """Non-private (under DP no decision reads the loss: the next test)."""
     data, bad = _poisoned(tmp_path)
-    s = _regression()
-    first = next(step for step, idx in sampling.logical_batches(len(SST), 8, 12, s.seed) if bad in idx)
+    s = _regression(epsilon=None)
+    first = next(step for step, idx in sampling.logical_batches(len(SST), 8, 12, s.seed, "shuffle") if bad in idx)
     with pytest.raises(NonFiniteError, match=rf"step {first} of 12: loss nan.*on_nonfinite: skip"):
         run(s, tiny_models / "bert", data, tmp_path / "run", progress=False)
     left = {p.name for p in (tmp_path / "run").iterdir()} if (tmp_path / "run").exists() else set()
@@ -194,9 +195,11 @@ def test_skip_policy_skips_exactly_the_poisoned_updates(tmp_path, tiny_models):
 
 def test_under_dp_a_poisoned_example_is_dropped_and_its_step_still_applied(tmp_path, tiny_models):
     """Under DP the NaN example gets clip factor 0 (the engine selects it away): every update is the
-    clipped sum of the other examples plus noise, finite, so nothing is skipped, and every step counts."""
+    clipped sum of the other examples plus noise, finite, so nothing is skipped, and every step counts.
+    The default policy (stop) does not stop either: the NaN loss is a statistic of the data that no
+    decision of a DP run may read. It shows only in the diagnostics, when asked for."""
     data, bad = _poisoned(tmp_path)
-    res = run(_regression(on_nonfinite="skip"), tiny_models / "bert", data, tmp_path / "run", progress=False)
+    res = run(_regression(diagnostics=True), tiny_models / "bert", data, tmp_path / "run", progress=False)
     poisoned = [step for step, idx in sampling.logical_batches(len(SST), 8, 12, 0) if bad in idx]
     assert poisoned and len(poisoned) < 12
     rep = read_json(tmp_path / "run/privacy.json")
@@ -204,8 +207,10 @@ def test_under_dp_a_poisoned_example_is_dropped_and_its_step_still_applied(tmp_p
     assert rep["steps"] == 12 and rep["events"][-1]["steps"] == 12
     assert audit_report(rep)["ok"] and rep["epsilon"] <= 3.0
     assert all(torch.isfinite(w).all() for w in _weights(tmp_path / "run").values())
-    log = read_json(tmp_path / "run/train_log.json")
-    assert [e["step"] for e in log if not math.isfinite(e["loss"])] == poisoned  # the loss shows it
+    assert "loss" not in read_json(tmp_path / "run/train_log.json")[0]
+    diag = read_json(tmp_path / "run" / DIAGNOSTICS)
+    assert [e["step"] for e in diag["steps"] if not math.isfinite(e["loss"])] == poisoned  # the loss shows it
+    assert "do not release" in diag["warning"] and diag["gradient_norm_mean"] > 0
 
 
 def test_unknown_nonfinite_policy_is_refused():

@@ -104,6 +104,39 @@ def test_child_tuning_mask_sources_are_checked_before_any_job(child, match):
         expand_runs(cfg)
 
 
+def _dp_cola(cfg, child=None, **train):
+    e = {**cola(cfg), "name": "dp-ct", "epsilons": [8],
+         "train": {"batch_size": 32, "physical_batch_size": 32, "epochs": 1, "lr": 5e-4, **train}}
+    if child is not None:
+        e["child"] = child
+    cfg["experiments"].append(e)
+    return cfg
+
+
+@pytest.mark.parametrize("child,train,match", [
+    ({"fisher_source": "train"}, {}, r"fisher_source: train.*fisher_source: dp"),
+    ({"fisher_source": "dp", "fisher_epsilon": 1.0}, {"sampling": "shuffle"}, r"sampling: shuffle.*poisson"),
+    ({"fisher_source": "dp", "fisher_epsilon": 1.0}, {"verify_engine": False}, r"verify_engine: false"),
+])
+def test_settings_whose_epsilon_does_not_hold_are_refused_under_dp(child, train, match):
+    """Each names the key and the alternative, before any job; allow_unaccounted lets it run (marked)."""
+    with pytest.raises(ValueError, match=f"experiment 'dp-ct'.*{match}.*allow_unaccounted"):
+        expand_runs(_dp_cola(load("config.yaml"), child, **train))
+    assert expand_runs(_dp_cola(load("config.yaml"), child, allow_unaccounted=True, **train))
+
+
+def test_under_dp_the_mask_defaults_to_the_dp_fisher():
+    """No fisher_source: a DP experiment's mask is the DP Fisher (its ε covers it), which needs its ε;
+    a non-private one keeps the paper's (the training data, no noise)."""
+    with pytest.raises(ValueError, match="fisher_source is dp .the default.*fisher_epsilon"):
+        expand_runs(_dp_cola(load("config.yaml"), {"p_d": 0.3}))
+    cfg = _dp_cola(load("config.yaml"), {"p_d": 0.3, "fisher_epsilon": 1.0})
+    dp = next(r for r in expand_runs(cfg) if r.experiment == "dp-ct" and r.method == "ct_d")
+    assert "/dp-eps1/" in dp.mask_path(cfg)
+    plain = next(r for r in expand_runs(cfg) if r.experiment == "xu2021-cola" and r.method == "ct_d")
+    assert "/train/" in plain.mask_path(cfg)
+
+
 def test_mask_sources_have_their_own_rules_and_paths(tmp_path):
     work = copy_workflow(tmp_path)
     cfg = yaml.safe_load(open(work / "config.yaml"))

@@ -1,7 +1,9 @@
 """Privacy audits: an independent accountant re-derives every quick-preset DP run's ε, and a
 membership-inference canary shows the attack advantage stays within what ε allows."""
 import copy
+import json
 import math
+import shutil
 from dataclasses import asdict
 import subprocess
 import sys
@@ -19,15 +21,15 @@ from conftest import ROOT
 from privtune.data.readers import read_split
 from privtune.dp import accounting, sampling
 from privtune.dp.accounting import default_delta
-from privtune.dp.audit import audit_report
+from privtune.dp.audit import audit_report, audit_run
 from privtune.dp.engine import GhostClipEngine
 from privtune.dp.optimizer import privatize_
 from privtune.fisher import dp_fisher_event
-from privtune.io import write_json
-from privtune.pipeline import expand_runs, run_settings
+from privtune.io import read_json, write_json, write_jsonl
+from privtune.pipeline import expand_runs, fisher_source, run_settings
 from privtune.prep import subsample
 from privtune.tasks import training_size
-from privtune.train import RunSettings, plan_privacy, privacy_record
+from privtune.train import RunSettings, plan_privacy, privacy_record, run
 
 
 def test_every_quick_preset_dp_run_passes_an_independent_audit(data_dir):
@@ -44,7 +46,7 @@ def test_every_quick_preset_dp_run_passes_an_independent_audit(data_dir):
         s = RunSettings(**run_settings(cfg, r))
         n = training_size(records, s.kind)
         child = r.exp(cfg).get("child", {})
-        if r.method == "ct_d" and child.get("fisher_source") == "dp":  # the DP Fisher composes in
+        if r.method == "ct_d" and fisher_source(r.exp(cfg)) == "dp":  # the DP Fisher composes in
             delta = default_delta(n) if s.delta == "auto" else s.delta
             s.prior_events = [asdict(dp_fisher_event(child["fisher_epsilon"], delta))]
         record = privacy_record(plan_privacy(s, n), s)
@@ -76,12 +78,66 @@ def test_audit_refuses_a_report_that_does_not_add_up(record, tamper, problem):
     assert not result["ok"] and any(problem in p for p in result["problems"]), result["problems"]
 
 
-def test_audit_command_fails_and_writes_nothing_on_a_bad_report(tmp_path, record):
-    write_json(tmp_path / "good/privacy.json", record)
-    write_json(tmp_path / "bad/privacy.json", {**record, "epsilon": record["epsilon"] / 2})
+SST = [{"text_a": t, "text_b": None, "label": i % 2} for i, t in enumerate(
+    ["a great film", "dull and slow", "wonderful acting", "a mess", "loved it", "boring", "superb", "awful"] * 4)]
+
+
+@pytest.fixture(scope="module")
+def dp_run(tmp_path_factory, tiny_models):
+    """A finished DP run folder (tiny BERT, 3 steps) and its training file."""
+    root = tmp_path_factory.mktemp("audit")
+    write_jsonl(root / "train.jsonl", SST)
+    s = RunSettings(kind="classification", epsilon=3.0, delta=1e-3, batch_size=8, physical_batch_size=8, steps=3,
+                    max_length=32)
+    run(s, tiny_models / "bert", root / "train.jsonl", root / "run", progress=False)
+    return root
+
+
+def _copy_run(dp_run, dest):
+    shutil.copytree(dp_run, dest)
+    rep = read_json(dest / "run/privacy.json")
+    rep["train_file"] = str(dest / "train.jsonl")  # the copy's own training file
+    write_json(dest / "run/privacy.json", rep)
+    return dest
+
+
+def _append(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+@pytest.mark.parametrize("tamper,problem", [
+    (lambda d: _append(d / "train.jsonl", SST[0]), "changed since training"),
+    (lambda d: write_json(d / "run/train_log.json", read_json(d / "run/train_log.json")[:-1]),
+     "records 2 steps but privacy.json accounts 3"),
+    (lambda d: write_json(d / "run/privacy.json", {**read_json(d / "run/privacy.json"), "sampling": "shuffle"}),
+     "sampling: shuffle"),
+    (lambda d: write_json(d / "run/privacy.json", {**read_json(d / "run/privacy.json"),
+                                                   "fisher_mask": {"file": "m.pt", "source": "train"}}),
+     "without noise: no recorded event covers it"),
+    (lambda d: write_json(d / "run/privacy.json", {**read_json(d / "run/privacy.json"), "dataset_size": 33,
+                                                   "sample_rate": 8 / 33,
+                                                   "events": [{**read_json(d / "run/privacy.json")["events"][0],
+                                                               "sample_rate": 8 / 33}]}),
+     "dataset_size = 33 but"),
+])
+def test_audit_checks_each_run_against_its_inputs_and_log(dp_run, tmp_path, tamper, problem):
+    """Tampered run folders fail, naming what: the record alone (audit_report) would pass them."""
+    d = _copy_run(dp_run, tmp_path / "copy")
+    assert audit_run(d / "run/privacy.json")["ok"], audit_run(d / "run/privacy.json")["problems"]
+    tamper(d)
+    result = audit_run(d / "run/privacy.json")
+    assert not result["ok"] and any(problem in p for p in result["problems"]), result["problems"]
+
+
+def test_audit_command_fails_and_writes_nothing_on_a_bad_report(tmp_path, dp_run):
+    _copy_run(dp_run, tmp_path / "good")
+    _copy_run(dp_run, tmp_path / "bad")
+    record = read_json(tmp_path / "bad/run/privacy.json")
+    write_json(tmp_path / "bad/run/privacy.json", {**record, "epsilon": record["epsilon"] / 2})
     cmd = [sys.executable, "-m", "privtune.dp.audit", "--out", str(tmp_path / "audit.json")]
     out = subprocess.run([*cmd, str(tmp_path)], capture_output=True, text=True)
-    assert out.returncode == 1 and "FAILED" in out.stderr and "bad/privacy.json" in out.stderr
+    assert out.returncode == 1 and "FAILED" in out.stderr and "bad/run/privacy.json" in out.stderr
     assert not (tmp_path / "audit.json").exists()
     out = subprocess.run([*cmd, str(tmp_path / "good")], capture_output=True, text=True)
     assert out.returncode == 0 and (tmp_path / "audit.json").exists()
@@ -94,7 +150,7 @@ def test_results_on_disk_pass_the_audit():
     if not reports:
         pytest.skip("no runs under results/ yet (run the quick preset first)")
     out = subprocess.run([sys.executable, "-m", "privtune.dp.audit", *map(str, reports)],
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, cwd=ROOT)  # training files are named from there
     assert out.returncode == 0, out.stderr[-3000:]
 
 

@@ -186,3 +186,22 @@ def test_cluster_and_gpu_profiles_are_valid(tmp_path, profile, configfile, expec
     train = out.stdout.split("rule train:")[1].split("\n\n")[0]
     for token in expect:
         assert token in train, train
+
+
+def test_a_cell_whose_epsilon_does_not_hold_is_marked_with_a_footnote(tmp_path):
+    """guarantee_holds false in metrics.json: the long CSV carries it, the Markdown cells get † and the note."""
+    from privtune.io import write_json
+    from privtune.report.tables import UNACCOUNTED_MARK, UNACCOUNTED_NOTE, write_tables
+
+    files = []
+    for eps, holds in (("8", False), ("3", True)):
+        f = tmp_path / f"m{eps}.json"
+        write_json(f, {"task": "sst2", "model": "m", "method": "full", "eps": eps, "seed": 0,
+                       "metrics": {"accuracy": 0.8}, "guarantee_holds": holds})
+        files.append(f)
+    df = write_tables(files, "li2022", tmp_path / "t.md", tmp_path / "t.csv")
+    assert list(df.sort_values("eps").guarantee_holds) == [True, False]
+    md = (tmp_path / "t.md").read_text()
+    assert f"80.00{UNACCOUNTED_MARK}" in md and UNACCOUNTED_NOTE in md
+    write_tables(files[1:], "li2022", tmp_path / "u.md", tmp_path / "u.csv")  # the ε = 3 run alone: no mark
+    assert UNACCOUNTED_MARK not in (tmp_path / "u.md").read_text()

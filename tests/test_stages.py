@@ -11,6 +11,7 @@ from privtune.fisher import compute_mask_file
 from privtune.io import read_json, write_jsonl
 from privtune.prep import prepare, subsample
 from privtune.report.tables import write_tables
+from privtune.dp.guarantee import UnaccountedSetting
 from privtune.train import RunSettings, run
 
 SST = [{"text_a": t, "text_b": None, "label": i % 2} for i, t in enumerate(
@@ -108,9 +109,14 @@ def test_training_run_writes_model_metrics_and_privacy(tmp_path, tiny_models, ep
     if epsilon:
         assert 0.95 * epsilon <= rep["epsilon"] <= epsilon and rep["noise_multiplier"] > 0
         assert rep["sampling"] == "poisson" and rep["steps"] == 3 and rep["dataset_size"] == len(SST)
-        assert res["train"]["noise_to_signal"] > 0
+        assert res["train"]["noise_norm_mean"] > 0 and rep["guarantee_holds"] is True
+        # nothing computed from the data outside the mechanism: no loss, no batch size, no norm before noise
+        assert not {"final_loss", "noise_to_signal", "gradient_norm_mean"} & set(res["train"])
+        assert all(set(e) <= {"step", "lr", "skipped"} for e in read_json(tmp_path / "run/train_log.json"))
+        assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["model", "privacy.json", "train_log.json",
+                                                                         "train_metrics.json"]
     else:
-        assert rep["private"] is False
+        assert rep["private"] is False and res["train"]["final_loss"] > 0
     assert len(read_json(tmp_path / "run/train_log.json")) == 3
 
 
@@ -120,7 +126,7 @@ def test_bf16_autocast_dp_run(tmp_path, tiny_models):
     s = RunSettings(kind="classification", epsilon=8.0, batch_size=8, steps=2, lr=1e-3, max_length=32,
                     delta=1e-3, precision="bf16")
     res = run(s, tiny_models / "bert", tmp_path / "train.jsonl", tmp_path / "run", progress=False)
-    assert res["privacy"]["epsilon"] <= 8.0 and res["train"]["final_loss"] > 0
+    assert res["privacy"]["epsilon"] <= 8.0 and res["train"]["noise_norm_mean"] > 0
 
 
 def test_delta_not_below_one_over_n_is_refused(tmp_path, tiny_models):
@@ -144,11 +150,15 @@ def test_fisher_mask_and_ct_d_training(tmp_path, tiny_models):
     assert all(torch.equal(masks[n], torch.load(again)["masks"][n]) for n in masks)  # deterministic
     s = RunSettings(kind="classification", child="ct_d", batch_size=8, steps=2, lr=1e-3, max_length=32)
     run(s, tiny_models / "bert", tmp_path / "train.jsonl", tmp_path / "run", mask_file=mask, progress=False)
-    s = RunSettings(kind="classification", child="ct_d", epsilon=8.0, delta=1e-3, batch_size=8, steps=2,
-                    max_length=32)
-    rep = run(s, tiny_models / "bert", tmp_path / "train.jsonl", tmp_path / "dp", mask_file=mask,
-              progress=False)["privacy"]
-    assert any("does NOT cover" in w for w in rep["warnings"])  # a noise-free mask under DP is flagged
+    dp = dict(kind="classification", child="ct_d", epsilon=8.0, delta=1e-3, batch_size=8, steps=2, max_length=32)
+    with pytest.raises(UnaccountedSetting, match="fisher_source: train.*allow_unaccounted"):  # refused under DP
+        run(RunSettings(**dp), tiny_models / "bert", tmp_path / "train.jsonl", tmp_path / "dp", mask_file=mask,
+            progress=False)
+    assert not (tmp_path / "dp").exists()
+    rep = run(RunSettings(**dp, allow_unaccounted=True), tiny_models / "bert", tmp_path / "train.jsonl",
+              tmp_path / "dp", mask_file=mask, progress=False)["privacy"]
+    assert any("does NOT cover" in w for w in rep["warnings"])  # allowed: flagged, and marked
+    assert rep["guarantee_holds"] is False and rep["unaccounted"] == ["fisher_source"]
 
 
 def test_mask_from_another_model_is_refused(tmp_path, tiny_models):
@@ -247,6 +257,33 @@ def test_secure_noise_is_not_derived_from_the_seed(tmp_path, tiny_models):
     same = {pair: all(torch.equal(weights[pair[0]][k], weights[pair[1]][k]) for k in weights["a"])
             for pair in (("a", "b"), ("c", "d"))}
     assert same == {("a", "b"): False, ("c", "d"): True}  # same seed: fresh noise only when secure
+
+
+def test_secure_rng_draws_the_poisson_batches_from_the_os_too(tmp_path, tiny_models, monkeypatch):
+    """Batch membership is what subsampling amplification assumes secret: with secure_rng (or its old
+    name secure_noise) the sampler's seed is fresh OS entropy, not the config's seed, and privacy.json
+    says which; without it the batches are the seed's (reproducible)."""
+    from privtune.dp import sampling
+
+    seen = []
+    real = sampling.logical_batches
+
+    def spy(n, b, steps, seed, *a, **k):
+        seen.append(seed)
+        return real(n, b, steps, seed, *a, **k)
+
+    monkeypatch.setattr(sampling, "logical_batches", spy)
+    write_jsonl(tmp_path / "train.jsonl", SST)
+    reps = {}
+    for name, kw in (("a", {"secure_rng": True}), ("b", {"secure_noise": True}), ("c", {}), ("d", {})):
+        s = RunSettings(kind="classification", epsilon=8.0, delta=1e-3, batch_size=8, steps=1, max_length=32,
+                        seed=7, **kw)
+        reps[name] = run(s, tiny_models / "bert", tmp_path / "train.jsonl", tmp_path / name,
+                         progress=False)["privacy"]
+    assert seen[2] == seen[3] == 7 and seen[0] != 7 and seen[1] != 7 and seen[0] != seen[1]
+    assert [reps[k]["secure_rng"] for k in "abcd"] == [True, True, False, False]
+    assert "not recoverable" in reps["a"]["sampler_rng"] and "secure_rng: true" in reps["c"]["sampler_rng"]
+    assert "ε covers" in reps["a"]["covers"]
 
 
 def test_summary_table_gives_mean_and_spread_over_seeds():

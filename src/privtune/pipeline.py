@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from .child import CHILD_METHODS
 from .data.readers import task_info
+from .dp import guarantee
 from .methods import METHODS as DP_METHODS
 
 
@@ -89,8 +90,9 @@ class Run:
         return next(e for e in config["experiments"] if e["name"] == self.experiment)
 
     def mask_path(self, config: dict) -> str:
-        child = self.exp(config).get("child", {})
-        return (f"results/fisher/{self.task}/{self.model}/{fisher_source_token(child)}/"
+        e = self.exp(config)
+        child = e.get("child", {})
+        return (f"results/fisher/{self.task}/{self.model}/{fisher_source_token(e)}/"
                 f"pd~{pd_token(child.get('p_d', 0.3))}/seed~{self.seed}/mask.pt")
 
     @classmethod
@@ -122,9 +124,20 @@ def run_objective(run: Run, e: dict) -> str:
     return dict(run.hparams).get("objective", e.get("objective", "head"))
 
 
-def fisher_source_token(child: dict) -> str:
+def fisher_source(e: dict) -> str:
+    """Where an experiment's Child-Tuning_D mask comes from: ``child.fisher_source`` when set, else the
+    accounted choice: ``dp`` when the experiment has a finite ε (its ε then covers the mask), ``train``
+    (the paper's, no noise) when every run is non-private."""
+    given = e.get("child", {}).get("fisher_source")
+    if given:
+        return given
+    return "dp" if any(x != "inf" for x in e.get("epsilons", [])) else "train"
+
+
+def fisher_source_token(e: dict) -> str:
     """The Child-Tuning_D mask's source as a path element: ``train``, ``dp-eps1``, ``public-sst2-dev``."""
-    source = child.get("fisher_source", "train")
+    child = e.get("child", {})
+    source = fisher_source(e)
     if source == "dp":
         return f"dp-eps{float(child['fisher_epsilon']):g}"
     if source == "public":
@@ -136,11 +149,14 @@ def fisher_source_token(child: dict) -> str:
 def _check_child(e: dict, config: dict) -> None:
     """Child-Tuning settings that the schema cannot check, refused before any job."""
     child, where = e.get("child", {}), f"experiment '{e['name']}': child"
-    source = child.get("fisher_source", "train")
-    if source == "dp":
+    source = fisher_source(e)
+    if source == "dp" and "ct_d" in e["methods"]:
         eps_f = child.get("fisher_epsilon")
         if eps_f is None:
-            raise ValueError(f"{where}.fisher_source is dp but child.fisher_epsilon (the ε of the Fisher) is not set")
+            implied = "" if child.get("fisher_source") else " (the default when the experiment has a finite ε)"
+            raise ValueError(f"{where}.fisher_source is dp{implied} but child.fisher_epsilon (the ε of the Fisher) "
+                             "is not set: set child.fisher_epsilon below every ε of the experiment, or "
+                             "child.fisher_source: public with child.public_data")
         too_small = [x for x in e["epsilons"] if x != "inf" and float(x) <= eps_f]
         if too_small:
             raise ValueError(f"{where}.fisher_epsilon = {eps_f} leaves no budget for training at ε = {too_small}: "
@@ -151,6 +167,17 @@ def _check_child(e: dict, config: dict) -> None:
             raise ValueError(f"{where}.fisher_source is public but child.public_data {{task, split}} is not set")
         if pub["task"] not in config["datasets"]:
             raise ValueError(f"{where}.public_data.task '{pub['task']}' has no entry under datasets: in the config")
+
+
+def _check_guarantee(e: dict, config: dict) -> None:
+    """A DP experiment with a setting its ε does not cover, refused before any job unless
+    train.allow_unaccounted (privtune.dp.guarantee; training refuses it again)."""
+    if not any(x != "inf" for x in e["epsilons"]):
+        return
+    train = {**config.get("train_defaults", {}), **e.get("train", {})}
+    guarantee.check(True, bool(train.get("allow_unaccounted")), f"experiment '{e['name']}'",
+                    sampling=train.get("sampling") or "poisson", verify_engine=train.get("verify_engine", True),
+                    mask_source=fisher_source(e) if "ct_d" in e["methods"] else None)
 
 
 def _check_objective(e: dict) -> None:
@@ -181,6 +208,7 @@ def expand_runs(config: dict) -> list[Run]:
                                  f"(defined: {sorted(config['models'])})")
         if "ct_d" in e["methods"]:
             _check_child(e, config)
+        _check_guarantee(e, config)
         if e.get("objective", "head") != "head":
             _check_objective(e)
         allowed = CHILD_METHODS if e["paper"] == "xu2021" else DP_METHODS
@@ -251,15 +279,16 @@ def fisher_experiment(config: dict, task: str, model: str, source: str) -> dict:
     """The (first) experiment whose Child-Tuning_D runs use the mask of (task, model, source)."""
     for e in config["experiments"]:
         if (e["task"] == task and model in e["models"] and "ct_d" in e["methods"]
-                and fisher_source_token(e.get("child", {})) == source):
+                and fisher_source_token(e) == source):
             return e
     raise ValueError(f"no experiment uses a Fisher mask from source '{source}' for {task}/{model}")
 
 
 def fisher_data(config: dict, task: str, model: str, source: str) -> str:
     """The prepared data file a mask is computed from: the training data, or the public data named."""
-    child = fisher_experiment(config, task, model, source).get("child", {})
-    if child.get("fisher_source") == "public":
+    e = fisher_experiment(config, task, model, source)
+    child = e.get("child", {})
+    if fisher_source(e) == "public":
         pub = child["public_data"]
         return f"results/data/{pub['task']}/public~{pub['split']}.jsonl"
     return f"results/data/{task}/train.jsonl"
@@ -269,15 +298,15 @@ def fisher_settings(config: dict, task: str, model: str, source: str, p_d: float
     """Arguments of :func:`privtune.fisher.compute_mask_file` for one mask."""
     e = fisher_experiment(config, task, model, source)
     child = e.get("child", {})
-    data_task = child["public_data"]["task"] if child.get("fisher_source") == "public" else task
+    data_task = child["public_data"]["task"] if fisher_source(e) == "public" else task
     info = task_info(data_task)
     train = {**config.get("train_defaults", {}), **e.get("train", {})}
     return canonical({"kind": info["kind"], "num_labels": info["num_labels"], "p_d": p_d,
                       "batch_size": child.get("fisher_batch_size", 16),
                       "max_length": config["datasets"][data_task].get("max_length", 128), "seed": seed,
-                      "threads": config.get("threads"), "source": child.get("fisher_source", "train"),
+                      "threads": config.get("threads"), "source": fisher_source(e),
                       "fisher_epsilon": child.get("fisher_epsilon"), "fisher_clip": child.get("fisher_clip", 1.0),
-                      "delta": train.get("delta", "auto"), "secure_noise": train.get("secure_noise", False)})
+                      "delta": train.get("delta", "auto"), "secure_noise": bool(train.get("secure_rng") or train.get("secure_noise"))})
 
 
 MISMATCHED_TASKS = ("mnli",)

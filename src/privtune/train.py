@@ -41,7 +41,8 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint, child, distributed, methods
-from .dp import accounting, sampling
+from .dp import accounting, guarantee, sampling
+from .dp.audit import file_sha256
 from .dp.engine import GhostClipEngine
 from .dp.optimizer import build_optimizer, privatize_
 from .io import atomic_dir, read_json, read_jsonl, write_json
@@ -91,12 +92,16 @@ class RunSettings:
     checkpoint_every: int = 100  # optimizer steps between checkpoints; 0: never by count
     checkpoint_minutes: float = 15.0  # minutes between checkpoints; 0: never by time
     on_nonfinite: str = "stop"  # stop | skip (a non-finite loss or gradient)
-    secure_noise: bool = False  # seed the noise generator from the OS, not from `seed` (for a real release)
+    secure_rng: bool = False  # noise and Poisson batches from the OS's entropy, not from `seed` (a real release)
+    secure_noise: bool = False  # the former name of secure_rng
+    allow_unaccounted: bool = False  # run a DP setting whose ε does not hold (privtune.dp.guarantee), marked
+    diagnostics: bool = False  # DP: also write diagnostics_nonprivate.json (data statistics ε does not cover)
     prior_events: list = field(default_factory=list)  # e.g. a DP Fisher pass, composed into ε
     world_size: int = 1  # data-parallel processes (one per GPU; gloo on the CPU)
     zero_shot: bool = False  # no training: the model as prepared, with the objective (reads no data, ε = 0)
 
     def __post_init__(self) -> None:
+        self.secure_rng = bool(self.secure_rng or self.secure_noise)
         if self.on_nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"train.on_nonfinite must be one of {NONFINITE_POLICIES}, got {self.on_nonfinite!r}")
         if self.epsilon is not None and not self.epsilon > 0:
@@ -119,6 +124,7 @@ class PrivacyPlan:
     noise_multiplier: float
     sampling: str
     prior: tuple[accounting.GaussianEvent, ...] = ()
+    unaccounted: tuple[str, ...] = ()  # settings the ε does not cover (allowed by train.allow_unaccounted)
 
     @property
     def events(self) -> list[accounting.GaussianEvent]:
@@ -126,14 +132,17 @@ class PrivacyPlan:
         return [*self.prior, *(own if self.private else [])]
 
 
-def plan_privacy(s: RunSettings, n: int) -> PrivacyPlan:
+def plan_privacy(s: RunSettings, n: int, mask_source: str | None = None) -> PrivacyPlan:
     """Steps, sampling rate, δ and the calibrated σ of a run on ``n`` training examples.
 
     Raises before any work when the request cannot be met (δ ≥ 1/n, an ε that the
-    earlier mechanisms already spend, ...), naming the config key.
+    earlier mechanisms already spend, a setting the ε would not cover: privtune.dp.guarantee),
+    naming the config key. ``mask_source``: where a Child-Tuning_D mask came from.
     """
     private = s.epsilon is not None
     scheme = s.sampling or ("poisson" if private else "shuffle")
+    unaccounted = tuple(guarantee.check(private, s.allow_unaccounted, sampling=scheme,
+                                        verify_engine=s.verify_engine, mask_source=mask_source))
     batch_size = min(s.batch_size, n)
     steps = s.steps or sampling.num_steps(n, batch_size, s.epochs)
     q = batch_size / n
@@ -145,7 +154,7 @@ def plan_privacy(s: RunSettings, n: int) -> PrivacyPlan:
         raise ValueError(f"train.delta = {delta} is not below 1/n = {1 / n:.3g} for n = {n} training examples: "
                          "choose a smaller delta (or 'auto', which is n^-1.1)")
     sigma = accounting.calibrate_noise(s.epsilon, delta, q, steps, s.accountant, prior=prior)
-    return PrivacyPlan(True, n, batch_size, steps, q, delta, sigma, scheme, prior)
+    return PrivacyPlan(True, n, batch_size, steps, q, delta, sigma, scheme, prior, unaccounted)
 
 
 def _autocast(precision: str, device: torch.device):
@@ -186,14 +195,25 @@ def _versions() -> dict:
 
 
 def noise_seed(seed: int, secure: bool) -> int:
-    """The noise generator's seed: ``seed`` (reproducible) or 63 fresh bits from the OS (``secure``)."""
+    """A generator's seed: ``seed`` (reproducible) or 63 fresh bits from the OS (``secure``)."""
     return secrets.randbits(63) if secure else seed
 
 
 def noise_rng_record(secure: bool) -> str:
     return ("seeded from the operating system's entropy (os.urandom); the seed is not recorded" if secure else
             "seeded from the run's seed: reproducible, but anyone who knows the seed can regenerate the noise "
-            "and remove it. Not for a real release: set train.secure_noise: true")
+            "and remove it. Not for a real release: set train.secure_rng: true")
+
+
+def sampler_rng_record(secure: bool) -> str:
+    return ("Poisson batches drawn with a seed from the operating system's entropy, kept only in the checkpoint "
+            "(deleted when the run finishes): which examples were in which batch is not recoverable" if secure else
+            "Poisson batches drawn from the run's seed: anyone who knows it knows which examples were in each "
+            "batch, which the subsampling amplification credited in ε assumes secret. Not for a real release: "
+            "set train.secure_rng: true")
+
+
+DIAGNOSTICS = "diagnostics_nonprivate.json"  # a DP run's data statistics, written only with train.diagnostics
 
 
 def _all_finite(params) -> bool:
@@ -222,7 +242,7 @@ def _fisher_mask_record(mask_file: Path | None, mask_info: dict | None, private:
 
 
 def privacy_record(plan: PrivacyPlan, s: RunSettings, mask_file: Path | None = None,
-                   skipped: list[int] = (), mask_info: dict | None = None) -> dict:
+                   skipped: list[int] = (), mask_info: dict | None = None, train_file: Path | None = None) -> dict:
     """The run's ``privacy.json``: ε under each accountant and all that is needed to re-derive it."""
     if not plan.private:
         report = {"epsilon": math.inf, "delta": None}
@@ -236,16 +256,22 @@ def privacy_record(plan: PrivacyPlan, s: RunSettings, mask_file: Path | None = N
                 [*plan.prior, accounting.GaussianEvent(plan.noise_multiplier, plan.sample_rate, k)],
                 plan.delta, s.accountant)})
     fisher_mask, warnings = _fisher_mask_record(mask_file, mask_info, plan.private)
+    warnings += [f"{guarantee.ALTERNATIVES[k][0]} (allowed by train.allow_unaccounted)" for k in plan.unaccounted]
     report.update(
         private=plan.private, target_epsilon=s.epsilon, noise_multiplier=plan.noise_multiplier,
         clip_norm=s.clip_norm, sample_rate=plan.sample_rate, steps=plan.steps, dataset_size=plan.dataset_size,
         expected_batch_size=plan.batch_size, sampling=plan.sampling, accountant_calibrated_with=s.accountant,
         epsilon_by_epoch=per_epoch, seed=s.seed, skipped_steps=list(skipped),
-        noise_rng=noise_rng_record(s.secure_noise),
+        noise_rng=noise_rng_record(s.secure_rng), sampler_rng=sampler_rng_record(s.secure_rng),
+        secure_rng=s.secure_rng, guarantee_holds=not plan.unaccounted, unaccounted=list(plan.unaccounted),
+        covers=guarantee.COVERS if plan.private else "non-private: no guarantee",
         guarantee=("(ε, δ)-DP under Poisson subsampling, as accounted" if plan.sampling == "poisson" else
                    "accounted as Poisson subsampling with q = B/n, but batches were fixed-size shuffled: "
                    "the common approximation (as in Li et al.'s code), not a proof for this sampler"),
         fisher_mask=fisher_mask, warnings=warnings, versions=_versions(),
+        # what the audit (privtune.dp.audit) checks dataset_size against
+        train_file=None if train_file is None else str(train_file),
+        train_file_sha256=None if train_file is None else file_sha256(Path(train_file)),
     )
     return report
 
@@ -284,7 +310,8 @@ def run(settings: RunSettings, model_dir: Path, train_file: Path, out_dir: Path,
         # composed with whatever earlier releases the settings name, never in place of them
         s.prior_events = [*s.prior_events, *payload.get("privacy_events", [])]
 
-    plan = plan_privacy(s, len(data))  # every refusal happens here, before the first step
+    plan = plan_privacy(s, len(data), (mask_info or {}).get("source", "train") if masks is not None else None)
+    # every refusal has happened by now, before the first step
     engine = None
     if plan.private:
         engine = GhostClipEngine(model, s.clip_norm, mode=s.clipping_mode)
@@ -295,12 +322,14 @@ def run(settings: RunSettings, model_dir: Path, train_file: Path, out_dir: Path,
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(s, plan.steps))
     # the same noise generator on every rank: noise is added once to the summed gradient
     gen = torch.Generator(device=device).manual_seed(
-        distributed.broadcast_seed(noise_seed(s.seed + 1, s.secure_noise), device))
+        distributed.broadcast_seed(noise_seed(s.seed + 1, s.secure_rng), device))
 
     ckpt_dir = out_dir / "checkpoint"
     fp = checkpoint.fingerprint(asdict(s), train_file, model_dir, mask_file)
-    state = {"step": 0, "log": [], "noise_norms": [], "grad_norms": [], "skipped": [], "verified": False,
-             "segments": [], "seconds": 0.0}
+    state = {"step": 0, "log": [], "diagnostics": [], "noise_norms": [], "grad_norms": [], "skipped": [],
+             "verified": False, "segments": [], "seconds": 0.0,
+             # which examples join each batch: from the run's seed, or (secure_rng) from the OS, then only here
+             "sampler_seed": distributed.broadcast_seed(noise_seed(s.seed, s.secure_rng and plan.private), device)}
     resumed = checkpoint.load(ckpt_dir, fp, log=print if main else lambda *_: None)
     if resumed is not None:
         if resumed["noise_multiplier"] != plan.noise_multiplier:
@@ -310,7 +339,7 @@ def run(settings: RunSettings, model_dir: Path, train_file: Path, out_dir: Path,
         opt.load_state_dict(resumed["optimizer"])
         sched.load_state_dict(resumed["scheduler"])
         checkpoint.set_rng_state(resumed["rng"], gen)
-        state = {k: resumed[k] for k in state}
+        state = {k: resumed.get(k, state[k]) for k in state}
         if main:
             print(f"resuming from checkpoint {ckpt_dir} at step {state['step']} of {plan.steps}", flush=True)
     start = state["step"]
@@ -319,8 +348,8 @@ def run(settings: RunSettings, model_dir: Path, train_file: Path, out_dir: Path,
     lengths = [len(e.input_ids) for e in data]
     model.train()
     t0 = last_ckpt = time.monotonic()
-    bar = tqdm(sampling.logical_batches(plan.dataset_size, plan.batch_size, plan.steps, s.seed, plan.sampling,
-                                        start=start),
+    bar = tqdm(sampling.logical_batches(plan.dataset_size, plan.batch_size, plan.steps, state["sampler_seed"],
+                                        plan.sampling, start=start),
                total=plan.steps, initial=start, disable=not (progress and main), unit="step",
                desc=f"{'DP ε=%g' % s.epsilon if plan.private else 'non-private'} {s.child}")
     for step, idx in bar:
@@ -352,15 +381,19 @@ def run(settings: RunSettings, model_dir: Path, train_file: Path, out_dir: Path,
             distributed.all_reduce_grads(params)
             losses_sum, count = distributed.all_reduce_sum([losses_sum, count], device)
         if plan.private:
-            state["grad_norms"].append(math.sqrt(sum(float(p.grad.float().pow(2).sum()) for p in params
-                                                     if p.grad is not None)) / plan.batch_size)
+            if s.diagnostics:  # the clipped sum before noise: a statistic of the data, not covered by ε
+                state["grad_norms"].append(math.sqrt(sum(float(p.grad.float().pow(2).sum()) for p in params
+                                                         if p.grad is not None)) / plan.batch_size)
             state["noise_norms"].append(privatize_(params, plan.noise_multiplier, s.clip_norm, plan.batch_size, gen))
         loss = losses_sum / max(1, count)
-        # Under DP the gradient here is already privatized: checking it is post-processing.
+        # Under DP the gradient here is already privatized: checking it is post-processing. The loss is
+        # not, so under DP nothing below depends on it (a stop on a non-finite loss would release a bit).
         grad_ok = _all_finite(params)
+        loss_ok = plan.private or math.isfinite(loss)
         skip = False
-        if not (grad_ok and math.isfinite(loss)):
-            what = f"loss {loss}" + ("" if grad_ok else " and a non-finite gradient")
+        if not (grad_ok and loss_ok):
+            what = "a non-finite privatized gradient" if plan.private else (
+                f"loss {loss}" + ("" if grad_ok else " and a non-finite gradient"))
             if s.on_nonfinite == "stop":
                 raise NonFiniteError(f"step {step} of {plan.steps}: {what}. Lower train.lr, check the data, "
                                      "or set train.on_nonfinite: skip to drop such updates")
@@ -382,9 +415,13 @@ def run(settings: RunSettings, model_dir: Path, train_file: Path, out_dir: Path,
         if world > 1 and step == start:
             distributed.check_replicas(params)  # early: the ranks took the same first step
         sched.step()
-        state["log"].append({"step": step, "loss": loss, "batch": int(len(idx)), "lr": sched.get_last_lr()[0],
-                             **({"skipped": True} if skip else {})})
-        bar.set_postfix(loss=f"{loss:.4f}")
+        # under DP the log holds only what ε covers or what needs no data; the rest is a diagnostic
+        entry = {"step": step, "lr": sched.get_last_lr()[0], **({"skipped": True} if skip else {})}
+        state["log"].append(entry if plan.private else {**entry, "loss": loss, "batch": int(len(idx))})
+        if plan.private and s.diagnostics:
+            state["diagnostics"].append({"step": step, "loss": loss, "batch": int(len(idx))})
+        if not plan.private or s.diagnostics:
+            bar.set_postfix(loss=f"{loss:.4f}")
         state["step"] = step + 1
         now = time.monotonic()
         due = ((s.checkpoint_every and state["step"] % s.checkpoint_every == 0)
@@ -406,22 +443,29 @@ def run(settings: RunSettings, model_dir: Path, train_file: Path, out_dir: Path,
     with atomic_dir(out_dir / "model") as tmp:
         methods.save_trained(model, s.method, tmp)
         tok.save_pretrained(tmp)
-    report = privacy_record(plan, s, mask_file, state["skipped"], mask_info)
+    report = privacy_record(plan, s, mask_file, state["skipped"], mask_info, train_file)
     noise = float(np.mean(state["noise_norms"])) if plan.private else 0.0
-    grads = float(np.mean(state["grad_norms"])) if plan.private else None
     train_metrics = {
-        "steps": plan.steps, "final_loss": state["log"][-1]["loss"], "seconds": elapsed,
-        "seconds_per_step": elapsed / plan.steps,
+        "steps": plan.steps, "seconds": elapsed, "seconds_per_step": elapsed / plan.steps,
         "trainable_parameters": int(sum(p.numel() for p in params)), "total_parameters": total,
         "method": s.method, "objective_family": obj.family, "device": str(device), "world_size": world,
         "settings": asdict(s), "skipped_steps": state["skipped"], "segments": state["segments"],
-        # ‖noise‖ / ‖clipped gradient‖ of the averaged update, mean over steps: grows with the dimension
-        "noise_to_signal": noise / max(1e-12, grads) if plan.private else 0.0,
-        "noise_norm_mean": noise, "gradient_norm_mean": grads,
+        # the norm of the noise of each averaged update, mean over steps (σ·C·√d/B: no data in it)
+        "noise_norm_mean": noise, "guarantee_holds": not plan.unaccounted,
         "peak_memory_bytes": (torch.cuda.max_memory_allocated() if device.type == "cuda" else None),
+        # the last batch's mean loss: a statistic of the training data, so absent under DP
+        **({} if plan.private else {"final_loss": state["log"][-1]["loss"]}),
     }
     write_json(out_dir / "train_log.json", state["log"])
     write_json(out_dir / "train_metrics.json", train_metrics)
+    if plan.private and s.diagnostics:
+        grads = float(np.mean(state["grad_norms"]))
+        write_json(out_dir / DIAGNOSTICS, {
+            "warning": "statistics of the training data that the run's ε does NOT cover: do not release",
+            "steps": state["diagnostics"], "final_loss": state["diagnostics"][-1]["loss"],
+            "gradient_norm_mean": grads, "noise_norm_mean": noise,
+            # ‖noise‖ / ‖clipped gradient‖ of the averaged update, mean over steps: grows with the dimension
+            "noise_to_signal": noise / max(1e-12, grads)})
     write_json(out_dir / "privacy.json", report)  # last: its presence means the run finished
     checkpoint.clear(ckpt_dir)
     return {"privacy": report, "train": train_metrics}
@@ -439,11 +483,12 @@ def _zero_shot(s: RunSettings, model, tok, out_dir: Path, family: str | None) ->
     report = {"epsilon": 0.0, "delta": 0.0, "private": False, "zero_shot": True, "target_epsilon": None,
               "steps": 0, "dataset_size": 0, "noise_multiplier": 0.0, "seed": s.seed,
               "guarantee": "no training example was read: the released model is the prepared model (ε = 0)",
+              "guarantee_holds": True, "covers": "everything: no training data was read",
               "warnings": [], "versions": _versions()}
     train_metrics = {"steps": 0, "final_loss": None, "seconds": 0.0, "seconds_per_step": 0.0,
                      "trainable_parameters": 0, "total_parameters": total, "method": s.method,
                      "objective_family": family, "device": "none", "world_size": 1, "settings": asdict(s),
-                     "skipped_steps": [], "segments": []}
+                     "skipped_steps": [], "segments": [], "guarantee_holds": True}
     write_json(out_dir / "train_log.json", [])
     write_json(out_dir / "train_metrics.json", train_metrics)
     write_json(out_dir / "privacy.json", report)
@@ -461,7 +506,7 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     text = a.settings if a.settings.lstrip().startswith("{") else Path(a.settings).read_text()
     result = run(RunSettings(**json.loads(text)), a.model, a.train, a.out, a.mask, progress=not a.no_progress)
-    print(json.dumps({"epsilon": result["privacy"]["epsilon"], "final_loss": result["train"]["final_loss"]}))
+    print(json.dumps({"epsilon": result["privacy"]["epsilon"], "final_loss": result["train"].get("final_loss")}))
 
 
 if __name__ == "__main__":

@@ -12,4 +12,4 @@ out = Path(snakemake.output.privacy).parent  # noqa: F821
 mask = snakemake.input.get("mask")  # noqa: F821
 result = run(RunSettings(**snakemake.params.settings), Path(snakemake.input.model),  # noqa: F821
              Path(snakemake.input.train), out, Path(mask) if mask else None)  # noqa: F821
-print({"epsilon": result["privacy"]["epsilon"], "final_loss": result["train"]["final_loss"]})
+print({"epsilon": result["privacy"]["epsilon"], "final_loss": result["train"].get("final_loss")})

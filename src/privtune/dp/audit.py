@@ -1,50 +1,64 @@
-"""Independent audit of recorded privacy guarantees.
+"""Audit of each DP run's guarantee against its inputs, its log and an independent accountant.
 
-Each DP run's ``privacy.json`` records what its guarantee is derived from: the
-mechanisms composed (σ, sampling rate, steps of each), δ, the dataset and batch
-sizes. The audit re-derives ε from those recorded numbers alone with Google's
-dp-accounting (RDP and PLD), a library other than the one σ was calibrated
-with (Opacus), and fails a report whose ε is lower than either, or whose
-recorded fields disagree with each other.
+Each DP run's ``privacy.json`` records what its guarantee is derived from: the mechanisms composed
+(σ, sampling rate, steps of each), δ, the dataset and batch sizes, the training file (path and
+SHA-256). The audit checks that record against what the run actually did and read, and fails it
+on any mismatch or any mechanism its ε does not cover:
+
+* the data: the training file still hashes as recorded and holds ``dataset_size`` examples;
+* the steps: ``train_log.json`` has exactly steps 0 … T−1 for the T accounted;
+* the sampler: Poisson subsampling (what the accountant assumes), and nothing marked unaccounted;
+* the mask: a Child-Tuning_D run names its mask; a noiseless one is uncovered; a DP one has its
+  release among the composed events;
+* the record: its fields agree with each other and with the training event;
+* ε: re-derived with :func:`privtune.dp.accounting.epsilon` (the RDP accountant σ was calibrated
+  with), and not below dp-accounting's PLD accountant, the one accountant not already inside the
+  reported maximum.
 
     python -m privtune.dp.audit results/ [--out results/privacy_audit.json]
 
-exits 1 if any report fails; the ``privacy_audit`` rule runs it on every run.
+exits 1 if any run fails; the ``privacy_audit`` rule runs it on every run.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 import sys
 from pathlib import Path
 
-from ..io import read_json, write_json
+from ..io import read_json, read_jsonl, write_json
+from . import accounting
 
 RTOL = 1e-9
 
 
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _events(report: dict) -> list[accounting.GaussianEvent]:
+    return [accounting.GaussianEvent(**e) for e in report["events"]]
+
+
 def independent_epsilons(events: list[dict], delta: float) -> dict[str, float]:
-    """ε of the composition of recorded ``events`` under dp-accounting's RDP and PLD accountants."""
-    import dp_accounting
-    from dp_accounting import pld, rdp
-
-    out = {}
-    for name, acc in (("dp_accounting_rdp", rdp.RdpAccountant()),
-                      ("dp_accounting_pld", pld.PLDAccountant(value_discretization_interval=1e-3))):
-        for e in events:
-            if e["steps"] > 0:
-                acc.compose(dp_accounting.PoissonSampledDpEvent(
-                    e["sample_rate"], dp_accounting.GaussianDpEvent(e["noise_multiplier"])), e["steps"])
-        out[name] = float(acc.get_epsilon(delta))
-    return out
+    """ε of the recorded ``events`` under dp-accounting's PLD accountant (the RDP ones, Opacus's and
+    dp-accounting's, are already inside the reported maximum)."""
+    return {"dp_accounting_pld": accounting.epsilon([accounting.GaussianEvent(**e) for e in events], delta,
+                                                    "dpa_pld")}
 
 
-def _close(a: float, b: float) -> bool:
-    return math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
+def _close(a: float, b: float, rel: float = 1e-9) -> bool:
+    return math.isclose(a, b, rel_tol=rel, abs_tol=0.0)
 
 
 def audit_report(report: dict) -> dict:
-    """``{"ok", "reported", "independent", "problems"}`` for one privacy report (a dict)."""
+    """``{"ok", "reported", "independent", "problems"}`` for one privacy report (a dict) on its own:
+    its fields against each other and its ε against the accountants."""
     if not report.get("private"):
         return {"ok": True, "private": False, "problems": []}
     problems = []
@@ -63,17 +77,87 @@ def audit_report(report: dict) -> dict:
                         f"= {report['expected_batch_size']}/{n}")
     if not delta < 1 / n:
         problems.append(f"δ = {delta} is not below 1/n = {1 / n:.3g}")
+    rdp = accounting.epsilon(_events(report), delta, "rdp")
+    if report["epsilon"] < rdp * (1 - RTOL):
+        problems.append(f"reported ε = {report['epsilon']:.6g} is below the RDP accountant's {rdp:.6g} "
+                        "re-derived from the recorded events")
     independent = independent_epsilons(events, delta)
     worst = max(independent.values())
     if report["epsilon"] < worst * (1 - RTOL):
         problems.append(f"reported ε = {report['epsilon']:.6g} is below the independent accountant's {worst:.6g}")
-    return {"ok": not problems, "private": True, "reported": report["epsilon"], "independent": independent,
-            "problems": problems}
+    return {"ok": not problems, "private": True, "reported": report["epsilon"], "rederived_rdp": rdp,
+            "independent": independent, "problems": problems}
+
+
+def _check_data(report: dict, kind: str | None) -> list[str]:
+    from ..tasks import training_size
+
+    name = report.get("train_file")
+    if not name:
+        return ["privacy.json names no training file (train_file): the dataset size cannot be checked"]
+    path = Path(name)
+    if not path.exists():
+        return [f"the training file {name} is missing: the dataset size cannot be checked (run the audit "
+                "from the folder the run was made in)"]
+    problems = []
+    if report.get("train_file_sha256") != file_sha256(path):
+        problems.append(f"the training file {name} changed since training (SHA-256 differs from the record)")
+    n = training_size(read_jsonl(path), kind or "classification")
+    if n != report["dataset_size"]:
+        problems.append(f"dataset_size = {report['dataset_size']} but {name} holds {n} training examples")
+    return problems
+
+
+def _check_log(report: dict, run_dir: Path) -> list[str]:
+    log = run_dir / "train_log.json"
+    if not log.exists():
+        return [f"{log} is missing: the steps taken cannot be checked"]
+    steps = [e.get("step") for e in read_json(log)]
+    if steps != list(range(report["steps"])):
+        return [f"{log} records {len(steps)} steps but privacy.json accounts {report['steps']} "
+                "(steps 0 … T−1 expected, each once)"]
+    return []
+
+
+def _check_mechanisms(report: dict, settings: dict) -> list[str]:
+    problems = []
+    if report.get("sampling") != "poisson":
+        problems.append(f"batches were drawn by sampling: {report.get('sampling')}, but ε is accounted for "
+                        "Poisson subsampling")
+    if report.get("guarantee_holds") is False or report.get("unaccounted"):
+        problems.append(f"the run used settings its ε does not cover: {report.get('unaccounted')} "
+                        "(train.allow_unaccounted)")
+    mask = report.get("fisher_mask")
+    if settings.get("child") == "ct_d" and not mask:
+        problems.append("a Child-Tuning_D run whose privacy.json names no Fisher mask: the mask is uncovered")
+    if mask:
+        if mask.get("source") == "train":
+            problems.append(f"the Child-Tuning_D mask {mask.get('file')} was computed from the training data "
+                            "without noise: no recorded event covers it")
+        elif mask.get("source") == "dp" and not any(e.get("label") == "dp_fisher" for e in report["events"]):
+            problems.append(f"the DP Fisher mask {mask.get('file')} has no dp_fisher event among the composed ones")
+    return problems
+
+
+def audit_run(privacy_file: Path) -> dict:
+    """:func:`audit_report` of a run's ``privacy.json``, plus its checks against the run's inputs (the
+    training file), its log and the mechanisms it used."""
+    privacy_file = Path(privacy_file)
+    report = read_json(privacy_file)
+    result = audit_report(report)
+    if not report.get("private"):
+        return result
+    metrics_file = privacy_file.parent / "train_metrics.json"
+    settings = read_json(metrics_file).get("settings", {}) if metrics_file.exists() else {}
+    result["problems"] += (_check_data(report, settings.get("kind")) + _check_log(report, privacy_file.parent)
+                           + _check_mechanisms(report, settings))
+    result["ok"] = not result["problems"]
+    return result
 
 
 def audit_tree(root: Path) -> dict[str, dict]:
     """Audit every ``privacy.json`` under ``root``."""
-    return {str(p): audit_report(read_json(p)) for p in sorted(Path(root).rglob("privacy.json"))}
+    return {str(p): audit_run(p) for p in sorted(Path(root).rglob("privacy.json"))}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,10 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     results = {}
     for p in a.paths:
-        results.update(audit_tree(p) if p.is_dir() else {str(p): audit_report(read_json(p))})
+        results.update(audit_tree(p) if p.is_dir() else {str(p): audit_run(p)})
     failed = {p: r for p, r in results.items() if not r["ok"]}
     private = sum(r["private"] for r in results.values())
-    print(f"audited {len(results)} privacy reports ({private} DP): {len(failed)} failed")
+    print(f"audited {len(results)} runs ({private} DP): {len(failed)} failed")
     for p, r in failed.items():
         print(f"FAILED {p}:\n  " + "\n  ".join(r["problems"]), file=sys.stderr)
     if failed:

@@ -302,8 +302,24 @@ CLAIMS = [
 ]
 
 
-def evaluate_claims(df: pd.DataFrame, bench: dict | None = None) -> list[tuple[Claim, Verdict]]:
+def accounted(df: pd.DataFrame) -> pd.DataFrame:
+    """The runs whose ε holds: a run marked ``guarantee_holds`` false (train.allow_unaccounted) tests no
+    claim about DP, so no verdict reads it."""
+    if df.empty or "guarantee_holds" not in df:
+        return df
+    keep = df.guarantee_holds.map(lambda v: str(v).strip().lower() not in ("false", "0"))
+    return df[keep]
+
+
+def unaccounted_runs(df: pd.DataFrame) -> list[str]:
+    """Labels of the runs :func:`accounted` leaves out."""
     df = headline(df)
+    gone = df.drop(accounted(df).index) if not df.empty else df
+    return sorted({_label(r.task, r.model, r.method, r.eps, r.objective, r.variant) for r in gone.itertuples()})
+
+
+def evaluate_claims(df: pd.DataFrame, bench: dict | None = None) -> list[tuple[Claim, Verdict]]:
+    df = accounted(headline(df))
     return [(c, c.test(df, bench)) for c in CLAIMS]
 
 
@@ -332,13 +348,17 @@ def against_zero_shot(df: pd.DataFrame) -> list[str]:
     return lines
 
 
-def render(results: list[tuple[Claim, Verdict]], preset: str = "", zero_shot: list[str] = ()) -> str:
+def render(results: list[tuple[Claim, Verdict]], preset: str = "", zero_shot: list[str] = (),
+           left_out: list[str] = ()) -> str:
     lines = ["# Claims of the two papers, tested on this preset's runs", "",
              f"Preset: **{preset or 'custom'}**. Each verdict is computed from the tables in results/tables/ by "
              "the rule shown (privtune.report.claims); none is written by hand. Numbers are each task's headline "
              "metric (accuracy or MCC in percent, BLEU 0-100), mean over seeds.", "",
              "| claim | paper | verdict |", "|---|---|---|"]
     lines += [f"| ({c.key}) {c.statement} | {c.paper} | **{v.verdict}** |" for c, v in results]
+    if left_out:
+        lines += ["", "Left out of every verdict: runs whose ε does not hold (guarantee_holds false, allowed by "
+                      "train.allow_unaccounted): " + "; ".join(left_out) + "."]
     for c, v in results:
         lines += ["", f"## ({c.key}) {c.statement}", "", f"*Paper:* {c.paper}. *Rule:* {c.rule}.", "",
                   f"**Verdict: {v.verdict}.**", ""]
@@ -356,5 +376,5 @@ def write_claims(csv_paths, out_md, bench_json=None, preset: str = "") -> list[t
     bench = read_json(bench_json) if bench_json and Path(bench_json).exists() else None
     df = load_tables(csv_paths)
     results = evaluate_claims(df, bench)
-    write_atomic(out_md, render(results, preset, against_zero_shot(df)))
+    write_atomic(out_md, render(results, preset, against_zero_shot(accounted(df)), unaccounted_runs(df)))
     return results

@@ -19,7 +19,7 @@ PERCENT = {"accuracy", "accuracy_mm", "f1", "mcc", "pearson", "spearman"}
 COLUMNS = ["task", "model", "method", "objective", "variant", "batch_size", "lr", "clip_norm", "eps", "seed",
            "metric", "ours",
            "epsilon_spent", "noise_multiplier", "train_batch_size", "dataset_size", "trainable_parameters",
-           "noise_to_signal",
+           "noise_norm", "guarantee_holds",
            "published", "published_model", "published_source"]
 METHOD_ORDER = ["zeroshot", "full", "lora", "rgp", "prefix", "top2", "retrain", "vanilla", "ct_f", "ct_d"]
 METRIC_ORDER = ["accuracy", "accuracy_mm", "f1", "mcc", "pearson", "spearman",
@@ -76,7 +76,8 @@ def collect(metric_files) -> pd.DataFrame:
                          "noise_multiplier": round(m.get("noise_multiplier") or 0.0, 4),
                          "train_batch_size": m.get("train_batch_size"), "dataset_size": m.get("dataset_size"),
                          "trainable_parameters": m.get("trainable_parameters"),
-                         "noise_to_signal": None if m.get("noise_to_signal") is None else round(m["noise_to_signal"], 3)})
+                         "noise_norm": None if m.get("noise_norm") is None else round(m["noise_norm"], 4),
+                         "guarantee_holds": bool(m.get("guarantee_holds", True))})
     return pd.DataFrame(rows)
 
 
@@ -105,9 +106,18 @@ def _order(values, order) -> list:
     return [v for v in order if v in set(values)] + sorted(v for v in set(values) if v not in order)
 
 
+UNACCOUNTED_MARK = "†"
+UNACCOUNTED_NOTE = (f"{UNACCOUNTED_MARK} a run whose ε does not hold: it used a setting the accountant does not "
+                    "cover (sampling shuffle, verify_engine false or a noiseless Fisher mask under DP), allowed by "
+                    "train.allow_unaccounted; its privacy.json lists which (`unaccounted`).")
+
+
 def _cell(g: pd.DataFrame, published: bool = True) -> str:
-    """Mean ± standard deviation over seeds (n), and the paper's value in brackets."""
+    """Mean ± standard deviation over seeds (n), and the paper's value in brackets; † when a run's ε
+    does not hold (:data:`UNACCOUNTED_NOTE`)."""
     text = f"{g.ours.mean():.2f}" + (f" ± {g.ours.std():.2f} (n={len(g)})" if len(g) > 1 else "")
+    if "guarantee_holds" in g and not g.guarantee_holds.fillna(True).astype(bool).all():
+        text += UNACCOUNTED_MARK
     pub = g.published.dropna()
     return text + (f" [paper: {pub.iloc[0]:g}]" if published and len(pub) else "")
 
@@ -186,10 +196,10 @@ def methods_table(df: pd.DataFrame, paper: str) -> pd.DataFrame:
         for method in _order(set(g.method) | set(p.method), list(FINE_TUNING_METHODS)):
             gm, pm = g[g.method == method], p[p.method == method]
             params = gm.trainable_parameters.dropna()
-            ratio = gm[gm.eps != "inf"].noise_to_signal.dropna()
+            noise = gm[gm.eps != "inf"].noise_norm.dropna()
             row = {"task": TASK_NAMES.get(task, task), "model": model, "method": method,
                    "trainable parameters": f"{int(params.iloc[0]):,}" if len(params) else "",
-                   "noise norm / gradient norm (DP)": f"{ratio.mean():.3g}" if len(ratio) else ""}
+                   "noise norm of the averaged update (DP)": f"{noise.mean():.3g}" if len(noise) else ""}
             for e in epsilons:
                 hit, ph = gm[gm.eps == e], pm[pm.epsilon == e]
                 row[f"ours {METRIC_NAMES.get(metric, metric)} ε={_eps_label(e)}"] = (
@@ -244,6 +254,8 @@ def write_tables(metric_files, paper: str, md_path, csv_path, tex_path=None) -> 
         md += ["## Grid points (batch size, learning rate, clipping norm, objective), mean over seeds", "",
                grid.reset_index().to_markdown(index=False), ""]
     md += ["## Every run", "", df.astype(object).fillna("").to_markdown(index=False), ""]
+    if not df.guarantee_holds.fillna(True).astype(bool).all():
+        md += [UNACCOUNTED_NOTE, ""]
     write_atomic(md_path, "\n".join(md))
     if tex_path is not None:
         write_atomic(tex_path, "\n\n".join(tex) + "\n")
