@@ -19,7 +19,7 @@ import re
 import torch
 from torch import nn
 
-CHILD_METHODS = ("vanilla", "ct_f", "ct_d")
+from .choices import CHILD_METHODS  # noqa: E402,F401 (re-exported)
 
 _ENCODER_LAYER = re.compile(r"(^|\.)(layer|layers|h|block)\.\d+\.")
 

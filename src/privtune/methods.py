@@ -38,17 +38,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-METHODS = ("full", "lora", "prefix", "top2", "retrain")
+from .choices import METHODS, MethodError, check_objective  # noqa: F401 (re-exported)
+
 DEFAULTS = {
     "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": None},
     "prefix": {"num_virtual_tokens": 10, "projection": True, "hidden": 512},
     "top2": {"layers": 2, "head": True},
 }
 ADAPTER_DIR = "prefix_adapter"  # inside a trained model folder: peft's prefix adapter
-
-
-class MethodError(ValueError):
-    """A fine-tuning method that cannot be applied as configured."""
 
 
 def options(method: str, given: dict | None = None) -> dict:
@@ -61,15 +58,6 @@ def options(method: str, given: dict | None = None) -> dict:
         raise MethodError(f"method_options.{method} has unknown key(s) {unknown}; known: {sorted(base)}")
     base.update(given or {})
     return base
-
-
-def check_objective(method: str, objective: str) -> None:
-    """LoRA and prefix-tuning wrap the model in peft; the prompt objective calls the masked-LM head on the
-    mask position itself, outside that wrapper, so the two are not combined (a :class:`MethodError`)."""
-    if objective == "prompt" and method in ("lora", "prefix"):
-        raise MethodError(f"method {method!r} is not supported with objective: prompt (the masked-LM head is "
-                          "called on the mask position only, outside peft's wrapper); use full, top2 or retrain, "
-                          "or objective: head")
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

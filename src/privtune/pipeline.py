@@ -16,13 +16,15 @@ An experiment with ``zero_shot: true`` adds one run per model and seed with meth
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from dataclasses import dataclass
 
-from .child import CHILD_METHODS
+from .choices import CHILD_METHODS, MethodError, check_objective
+from .choices import METHODS as DP_METHODS
 from .data.readers import task_info
 from .dp import guarantee
-from .methods import METHODS as DP_METHODS
+from .objectives import templates
 
 
 def canonical(obj):
@@ -97,11 +99,10 @@ class Run:
 
     @classmethod
     def from_wildcards(cls, config: dict, wc) -> "Run":
-        for r in expand_runs(config):
-            if (r.paper, r.task, r.model, r.method_dir, r.eps, r.seed) == (
-                    wc.paper, wc.task, wc.model, wc.method, wc.eps, int(wc.seed)):
-                return r
-        raise ValueError(f"no experiment in the config produces run {dict(wc.items())}")
+        r = _run_index(config).get((wc.paper, wc.task, wc.model, wc.method, wc.eps, int(wc.seed)))
+        if r is None:
+            raise ValueError(f"no experiment in the config produces run {dict(wc.items())}")
+        return r
 
     def eval_spec(self, config: dict) -> dict:
         e = self.exp(config)
@@ -182,16 +183,26 @@ def _check_guarantee(e: dict, config: dict) -> None:
 
 def _check_objective(e: dict) -> None:
     """A prompt objective the experiment cannot use, refused before any job (names the experiment)."""
-    from .methods import MethodError, check_objective
-    from .objectives import objective
-
     info = task_info(e["task"])
+    prompt = e.get("prompt") or {}
     try:
-        objective(info["kind"], e["task"], e["objective"], info["num_labels"], e.get("prompt"))
+        templates.check(info["kind"], e["task"], e["objective"], info["num_labels"], prompt, prompt.get("family"))
         for meth in e["methods"]:
             check_objective(meth, e["objective"])
     except (ValueError, MethodError) as err:
         raise ValueError(f"experiment '{e['name']}': {err}") from err
+
+
+_INDEX: dict[str, dict] = {}
+
+
+def _run_index(config: dict) -> dict:
+    """Runs by their path wildcards, expanded once per distinct config (the DAG asks once per job)."""
+    key = json.dumps(config, sort_keys=True, default=str)
+    if key not in _INDEX:
+        _INDEX.clear()
+        _INDEX[key] = {(r.paper, r.task, r.model, r.method_dir, r.eps, r.seed): r for r in expand_runs(config)}
+    return _INDEX[key]
 
 
 def expand_runs(config: dict) -> list[Run]:

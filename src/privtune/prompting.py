@@ -58,6 +58,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .models import ModelPrepError, load_tokenizer
+from .objectives.templates import (TEMPLATES, PromptObjectiveError, PromptSpec, _task_name,  # noqa: F401
+                                   prompt_spec, supports_prompt)
 from .tasks import Encoded, pad_right
 
 __all__ = [
@@ -78,36 +80,6 @@ __all__ = [
 ]
 
 
-class PromptObjectiveError(ValueError):
-    """The prompt objective cannot be used for this task or model (use ``objective: head``)."""
-
-
-@dataclass(frozen=True)
-class PromptSpec:
-    """An LM-BFF template and one label word per label id (in the readers' label order).
-
-    ``label_prefix`` is put before each label word when it is tokenized: a space
-    selects the word-initial BPE token (LM-BFF's convention).
-    """
-
-    template: str
-    label_words: tuple[str, ...]
-    label_prefix: str = " "
-
-
-_NLI = "*cls**sent-_0*?*mask*,*+sentl_1**sep+*"
-_PARAPHRASE = "*cls**sent_0**mask*,*+sentl_1**sep+*"
-TEMPLATES: dict[str, PromptSpec] = {
-    "sst2": PromptSpec("*cls**sent_0*_It_was*mask*.*sep+*", ("terrible", "great")),
-    "cola": PromptSpec("*cls**sent_0*_This_is*mask*.*sep+*", ("incorrect", "correct")),
-    "mnli": PromptSpec(_NLI, ("Yes", "Maybe", "No")),
-    "qnli": PromptSpec(_NLI, ("Yes", "No")),
-    "rte": PromptSpec(_NLI, ("Yes", "No")),
-    "mrpc": PromptSpec(_PARAPHRASE, ("No", "Yes")),
-    "qqp": PromptSpec(_PARAPHRASE, ("No", "Yes")),
-}
-
-
 @dataclass
 class PromptEncoded(Encoded):
     """An encoded example plus the mask position and the label words' token ids."""
@@ -116,27 +88,6 @@ class PromptEncoded(Encoded):
     label_word_ids: tuple[int, ...]
 
 
-# -- task registry -----------------------------------------------------------
-def _task_name(task: str) -> str:
-    return task.lower().replace("-", "")
-
-
-def supports_prompt(task: str) -> bool:
-    """Whether ``task`` has a prompt template (the GLUE classification tasks)."""
-    return _task_name(task) in TEMPLATES
-
-
-def prompt_spec(task: str) -> PromptSpec:
-    """The template of ``task``; :class:`PromptObjectiveError` for tasks without one."""
-    name = _task_name(task)
-    if name in TEMPLATES:
-        return TEMPLATES[name]
-    if name == "stsb":
-        raise PromptObjectiveError(
-            "task 'stsb' is a regression task; the prompt objective scores label words and supports "
-            f"classification tasks only ({sorted(TEMPLATES)}). Use objective: head for stsb."
-        )
-    raise PromptObjectiveError(f"task {task!r} has no prompt template; templates exist for {sorted(TEMPLATES)}")
 
 
 def _tokenizer_name(tokenizer) -> str:

@@ -21,153 +21,16 @@ both use the same encoding, batching, loss and prediction.
 """
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
-from pathlib import Path
+from .templates import FAMILIES, OBJECTIVES  # torch-free: the workflow checks configs with them
 
-import torch
-
-from .. import prompting, tasks
-from ..models import load_for_task
-from . import causal, similarity
-
-OBJECTIVES = ("head", "prompt")
-FAMILIES = ("mlm", "causal", "similarity")
+_CORE = ("Objective", "objective", "prompt_family")
 
 
-def prompt_family(model_dir: Path) -> str:
-    """Which form of the prompt objective a prepared model takes, from its ``config.json``:
-    ``mlm`` for a masked LM, ``causal`` for a causal LM, ``similarity`` for a bare encoder."""
-    path = Path(model_dir) / "config.json"
-    if not path.exists():
-        from ..models import ModelPrepError
+def __getattr__(name: str):
+    """The objectives themselves (and torch) are imported on first use, so that importing the
+    templates to check a config does not import torch."""
+    if name in _CORE:
+        from . import core
 
-        raise ModelPrepError(f"{model_dir} is not a prepared model folder (no config.json); run prepare_model")
-    archs = json.loads(path.read_text()).get("architectures") or []
-    if any(a.endswith("ForMaskedLM") for a in archs):
-        return "mlm"
-    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
-        return "causal"
-    return "similarity"
-
-
-@dataclass(frozen=True)
-class Objective:
-    kind: str  # classification | regression | table2text
-    task: str | None = None
-    name: str = "head"
-    num_labels: int = 2
-    prompt: dict = field(default_factory=dict)  # overrides of the task's template / label words
-    family: str | None = None  # the prompt objective's form (FAMILIES); None until a model is known
-
-    def __post_init__(self) -> None:
-        if self.name not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.name!r}")
-        if self.name == "prompt":
-            if self.kind != "classification":
-                raise prompting.PromptObjectiveError(
-                    f"objective: prompt scores label words, so it needs a classification task; task "
-                    f"{self.task!r} is {self.kind}. Use objective: head.")
-            words = self.prompt.get("label_words")
-            if words is not None and len(words) != self.num_labels:
-                raise ValueError(f"prompt.label_words {words} has {len(words)} words; task {self.task} has "
-                                 f"{self.num_labels} labels")
-            if self.family not in (None, *FAMILIES):
-                raise ValueError(f"prompt.family must be one of {FAMILIES}, got {self.family!r}")
-            # refuse a task without a template now, not mid-run
-            if self.family == "mlm":
-                self.spec()
-            elif self.family == "causal":
-                causal.spec_for(self.task, self.prompt)
-            elif self.family == "similarity":
-                similarity.descriptions_for(self.task, self.prompt)
-            elif not (prompting.supports_prompt(self.task) or self.task in causal.TEMPLATES or "template" in
-                      self.prompt):
-                self.spec()
-
-    @property
-    def temperature(self) -> float:
-        return float(self.prompt.get("temperature", similarity.TEMPERATURE))
-
-    def spec(self) -> prompting.PromptSpec:
-        base = prompting.prompt_spec(self.task)
-        words = self.prompt.get("label_words")
-        if words is not None and len(words) != self.num_labels:
-            raise ValueError(f"prompt.label_words {words} has {len(words)} words; task {self.task} has "
-                             f"{self.num_labels} labels")
-        return prompting.PromptSpec(self.prompt.get("template", base.template),
-                                    tuple(words) if words is not None else base.label_words,
-                                    self.prompt.get("label_prefix", base.label_prefix))
-
-    def _family(self) -> str:
-        if self.family is None:
-            raise ValueError("the prompt objective's family is not known: build it with objective(..., model_dir=)")
-        return self.family
-
-    def load(self, model_dir: Path):
-        if self.name == "prompt":
-            return {"mlm": prompting.load_prompt_model, "causal": causal.load,
-                    "similarity": similarity.load}[self._family()](model_dir)
-        return load_for_task(model_dir, self.kind, self.num_labels)
-
-    def encode(self, tokenizer, records: list[dict], max_length: int) -> list:
-        if self.name == "prompt":
-            family = self._family()
-            if family == "causal":
-                return causal.encode(tokenizer, records, self.task, max_length, causal.spec_for(self.task, self.prompt))
-            if family == "similarity":
-                return similarity.encode(tokenizer, records, self.task, max_length,
-                                         similarity.descriptions_for(self.task, self.prompt), self.num_labels)
-            return prompting.encode_prompt(tokenizer, records, self.task, max_length, spec=self.spec())
-        return tasks.encode(tokenizer, records, self.kind, max_length)
-
-    def collate(self, examples: list, pad_id: int, device) -> dict:
-        if self.name == "prompt":
-            return {"mlm": prompting.collate_prompt, "causal": causal.collate,
-                    "similarity": similarity.collate}[self._family()](examples, pad_id, device)
-        return tasks.collate(examples, pad_id, self.kind, device)
-
-    def _logits(self, model, batch: dict):
-        family = self._family()
-        if family == "causal":
-            return causal.label_word_logits(model, batch)
-        if family == "similarity":
-            return similarity.logits(model, batch, self.temperature)
-        return prompting.label_word_logits(model, batch)
-
-    def loss(self, model, batch: dict):
-        """Per-example losses, shape (B,)."""
-        if self.name == "prompt":
-            family = self._family()
-            if family == "causal":
-                return causal.per_example_loss(model, batch)
-            if family == "similarity":
-                return similarity.per_example_loss(model, batch, self.temperature)
-            return prompting.per_example_loss_prompt(model, batch)
-        return tasks.per_example_loss(model, batch, self.kind)
-
-    @torch.no_grad()
-    def predict(self, model, encoded: list, pad_id: int, device, batch_size: int = 64) -> list:
-        """Predictions in the order of ``encoded``; batches are formed by length (less padding)."""
-        if self.name != "prompt":
-            return tasks.predict_labels(model, encoded, pad_id, self.kind, device, batch_size)
-        model.eval()
-        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
-        preds: list = [None] * len(encoded)
-        for lo in range(0, len(order), batch_size):
-            idx = order[lo: lo + batch_size]
-            batch = self.collate([encoded[i] for i in idx], pad_id, device)
-            for i, p in zip(idx, self._logits(model, batch).argmax(-1).tolist()):
-                preds[i] = p
-        return preds
-
-
-def objective(kind: str, task: str | None = None, name: str = "head", num_labels: int = 2,
-              prompt: dict | None = None, model_dir: Path | None = None) -> Objective:
-    """The objective ``name`` for a task; with ``model_dir``, the prompt objective takes the form that
-    model's family needs (``prompt.family`` overrides)."""
-    prompt = dict(prompt or {})
-    family = None
-    if (name or "head") == "prompt":
-        family = prompt.get("family") or (prompt_family(model_dir) if model_dir is not None else None)
-    return Objective(kind, task, name or "head", num_labels, prompt, family)
+        return getattr(core, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -38,47 +38,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..tasks import Encoded, pad_right
-
-_NLI = "Premise: {a}\nHypothesis: {b}\nEntailment:"
-
-
-@dataclass(frozen=True)
-class CausalSpec:
-    template: str
-    label_words: tuple[str, ...]
-
-
-TEMPLATES: dict[str, CausalSpec] = {
-    "sst2": CausalSpec("Review: {a}\nSentiment:", (" negative", " positive")),
-    "cola": CausalSpec("Sentence: {a}\nGrammatical:", (" no", " yes")),
-    "mnli": CausalSpec(_NLI, (" yes", " maybe", " no")),
-    "qnli": CausalSpec("Question: {a}\nSentence: {b}\nAnswered:", (" yes", " no")),
-    "rte": CausalSpec(_NLI, (" yes", " no")),
-    "mrpc": CausalSpec("Sentence 1: {a}\nSentence 2: {b}\nSame meaning:", (" no", " yes")),
-    "qqp": CausalSpec("Question 1: {a}\nQuestion 2: {b}\nSame question:", (" no", " yes")),
-}
-
+from .templates import CAUSAL_TEMPLATES as TEMPLATES  # noqa: F401 (the causal templates, re-exported)
+from .templates import CausalSpec, spec_for  # noqa: F401
 
 @dataclass
 class CausalEncoded(Encoded):
     label_word_ids: tuple[int, ...]
-
-
-def spec_for(task: str, overrides: dict) -> CausalSpec:
-    from ..prompting import PromptObjectiveError
-
-    base = TEMPLATES.get(task)
-    if base is None and "template" not in overrides:
-        raise PromptObjectiveError(f"task {task!r} has no causal-LM template (templates exist for "
-                                   f"{sorted(TEMPLATES)}); give prompt.template and prompt.label_words, or use "
-                                   "objective: head")
-    words = overrides.get("label_words", base.label_words if base else None)
-    if words is None:
-        raise PromptObjectiveError(f"task {task!r}: prompt.template is given without prompt.label_words")
-    prefix = overrides.get("label_prefix")
-    if prefix is not None:  # the MLM convention (words without their space) carried over
-        words = tuple(prefix + w for w in words)
-    return CausalSpec(overrides.get("template", base.template if base else None), tuple(words))
 
 
 def label_word_ids(tokenizer, spec: CausalSpec, task: str) -> tuple[int, ...]:

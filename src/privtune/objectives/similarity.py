@@ -35,31 +35,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..tasks import Encoded, pad_right
-
-DESCRIPTIONS: dict[str, tuple[str, ...]] = {
-    "sst2": ("It was terrible.", "It was great."),
-    "cola": ("This sentence is ungrammatical.", "This sentence is grammatical."),
-}
-TEMPERATURE = 0.05
-
+from .templates import DESCRIPTIONS, TEMPERATURE, descriptions_for  # noqa: F401 (re-exported)
 
 @dataclass
 class SimilarityEncoded(Encoded):
     label_ids: tuple[tuple[int, ...], ...]  # the descriptions' token ids
-
-
-def descriptions_for(task: str, overrides: dict) -> tuple[str, ...]:
-    from ..prompting import PromptObjectiveError
-
-    given = overrides.get("descriptions")
-    if given is not None:
-        return tuple(given)
-    if task not in DESCRIPTIONS:
-        raise PromptObjectiveError(
-            f"task {task!r} has no label descriptions for a sentence encoder (they exist for "
-            f"{sorted(DESCRIPTIONS)}); pair tasks are not a similarity to a fixed text. Give "
-            "prompt.descriptions, use a model with an LM head, or objective: head")
-    return DESCRIPTIONS[task]
 
 
 def encode(tokenizer, records: list[dict], task: str, max_length: int, descriptions, num_labels: int
