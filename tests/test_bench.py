@@ -38,3 +38,17 @@ def test_interleaved_ratios_are_per_round_and_refusals_are_results(tiny_shape):
     r = got["ours_bk"]
     assert len(r["round_ratios"]) == 3 and r["time_ratio_interleaved"] == sorted(r["round_ratios"])[1] > 0
     assert "tying" in got["opacus_ghost"]["interleaved_error"]  # Opacus 1.6 refuses the tied model: recorded, not raised
+
+
+def test_length_sorted_batches_benchmark_reports_its_token_bound(tmp_path, tiny_models):
+    """bench_batches on a tiny model: both splits run the same logical batches; sorting never pads more."""
+    from privtune.bench_batches import measure
+    from privtune.io import write_jsonl
+
+    words = ["good", "bad", "a long and rather winding sentence about a film that went on and on", "ok"]
+    write_jsonl(tmp_path / "train.jsonl", [{"text_a": words[i % 4], "text_b": None, "label": i % 2}
+                                           for i in range(64)])
+    r = measure(tiny_models / "bert", tmp_path / "train.jsonl", batch=32, physical=8, tokens=128, rounds=1,
+                prompt={"family": "similarity"})  # the byte tokenizer has no one-token label words
+    assert r["padded_tokens_ratio"] >= 1.0 and r["logical_batch"] == 32
+    assert set(r["examples_per_s"]) == {"padded", "length_sorted"} and min(r["examples_per_s"].values()) > 0
