@@ -253,3 +253,28 @@ def test_building_the_runs_imports_no_torch():
             "assert not bad, bad\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_runs_are_found_by_wildcards_without_re_expanding_the_config(monkeypatch):
+    """The DAG asks for one run per job: the config is expanded once (the lookup was quadratic)."""
+    from types import SimpleNamespace
+
+    import privtune.pipeline as pipeline
+
+    cfg = load("config/paper.yaml")
+    runs = expand_runs(cfg)
+    calls = []
+    real = pipeline.expand_runs
+    monkeypatch.setattr(pipeline, "expand_runs", lambda c: calls.append(1) or real(c))
+    pipeline._INDEX.clear()
+    for r in runs:
+        wc = SimpleNamespace(paper=r.paper, task=r.task, model=r.model, method=r.method_dir, eps=r.eps,
+                             seed=str(r.seed), items=lambda: {})
+        assert Run.from_wildcards(cfg, wc) == r
+    assert len(calls) == 1 and len(runs) > 100
+    cfg["experiments"] = cfg["experiments"][:1]  # a changed config is expanded anew
+    first = runs[0]
+    wc = SimpleNamespace(paper=first.paper, task=first.task, model=first.model, method=first.method_dir,
+                         eps=first.eps, seed=str(first.seed), items=lambda: {})
+    Run.from_wildcards(cfg, wc)
+    assert len(calls) == 2
