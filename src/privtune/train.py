@@ -276,30 +276,39 @@ def privacy_record(plan: PrivacyPlan, s: RunSettings, mask_file: Path | None = N
     return report
 
 
-def run(settings: RunSettings, model_dir: Path, train_file: Path, out_dir: Path,
-        mask_file: Path | None = None, progress: bool = True) -> dict:
-    s = settings
-    out_dir = Path(out_dir)
-    if s.world_size > 1 and not distributed.is_initialized():
-        # W fresh processes run this function again, inside a process group; rank 0 writes the outputs
-        distributed.launch(run, s.world_size, (s, model_dir, train_file, out_dir, mask_file, progress))
-        return {"privacy": read_json(out_dir / "privacy.json"), "train": read_json(out_dir / "train_metrics.json")}
-    rank, world = distributed.rank_and_world(s.world_size)
-    main = rank == 0
-    if s.threads:
-        torch.set_num_threads(s.threads)
-    _set_seed(s.seed)
-    device = distributed.local_device() if world > 1 else default_device()
-    tok = load_tokenizer(model_dir)
-    obj = objective(s.kind, s.task, s.objective, s.num_labels, s.prompt, model_dir=model_dir)
-    if s.zero_shot:
-        return _zero_shot(s, obj.load(model_dir), tok, out_dir, obj.family)
-    model = methods.apply(obj.load(model_dir), s.method, s.kind, s.method_options, seed=s.seed,
-                          objective=s.objective).to(device)
+@dataclass
+class Job:
+    """Everything a training step needs, fixed before the first step (:func:`setup`)."""
+
+    s: RunSettings
+    plan: PrivacyPlan
+    obj: object  # privtune.objectives.Objective
+    tok: object
+    model: torch.nn.Module
+    data: list
+    lengths: list[int]
+    params: list
+    engine: GhostClipEngine | None
+    opt: torch.optim.Optimizer
+    sched: object
+    gen: torch.Generator  # noise and CT_F masks: the same on every rank
+    masks: dict | None  # CT_D's fixed mask
+    mask_info: dict | None
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup(s: RunSettings, model, obj, tok, train_file: Path, mask_file: Path | None, device, rank: int,
+          world: int) -> Job:
+    """Data, mask, privacy plan (every refusal happens here, before the first step), engine, optimizer."""
     data = obj.encode(tok, read_jsonl(train_file), s.max_length)
     if not data:
         raise ValueError(f"{train_file} holds no training examples (after encoding with max_length={s.max_length})")
-
     masks, mask_info = None, None
     if s.child == "ct_d":
         if mask_file is None:
@@ -309,150 +318,160 @@ def run(settings: RunSettings, model_dir: Path, train_file: Path, out_dir: Path,
         child.check_mask_fits(model, masks, str(mask_file))
         # composed with whatever earlier releases the settings name, never in place of them
         s.prior_events = [*s.prior_events, *payload.get("privacy_events", [])]
-
     plan = plan_privacy(s, len(data), (mask_info or {}).get("source", "train") if masks is not None else None)
-    # every refusal has happened by now, before the first step
-    engine = None
-    if plan.private:
-        engine = GhostClipEngine(model, s.clip_norm, mode=s.clipping_mode)
-        params = engine.params
-    else:
-        params = [p for p in model.parameters() if p.requires_grad]
+    engine = GhostClipEngine(model, s.clip_norm, mode=s.clipping_mode) if plan.private else None
+    params = engine.params if engine else [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(s.optimizer, params, s.lr, s.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(s, plan.steps))
-    # the same noise generator on every rank: noise is added once to the summed gradient
     gen = torch.Generator(device=device).manual_seed(
         distributed.broadcast_seed(noise_seed(s.seed + 1, s.secure_rng), device))
+    return Job(s, plan, obj, tok, model, data, [len(e.input_ids) for e in data], params, engine, opt, sched, gen,
+               masks, mask_info, device, rank, world)
 
-    ckpt_dir = out_dir / "checkpoint"
-    fp = checkpoint.fingerprint(asdict(s), train_file, model_dir, mask_file)
-    state = {"step": 0, "log": [], "diagnostics": [], "noise_norms": [], "grad_norms": [], "skipped": [],
-             "verified": False, "segments": [], "seconds": 0.0,
-             # which examples join each batch: from the run's seed, or (secure_rng) from the OS, then only here
-             "sampler_seed": distributed.broadcast_seed(noise_seed(s.seed, s.secure_rng and plan.private), device)}
-    resumed = checkpoint.load(ckpt_dir, fp, log=print if main else lambda *_: None)
-    if resumed is not None:
-        if resumed["noise_multiplier"] != plan.noise_multiplier:
-            raise RuntimeError(f"checkpoint {ckpt_dir} was calibrated to σ={resumed['noise_multiplier']} but this "
-                               f"run calibrates σ={plan.noise_multiplier}: delete {ckpt_dir} and rerun")
-        model.load_state_dict(resumed["model"])
-        opt.load_state_dict(resumed["optimizer"])
-        sched.load_state_dict(resumed["scheduler"])
-        checkpoint.set_rng_state(resumed["rng"], gen)
-        state = {k: resumed.get(k, state[k]) for k in state}
-        if main:
-            print(f"resuming from checkpoint {ckpt_dir} at step {state['step']} of {plan.steps}", flush=True)
-    start = state["step"]
-    state["segments"].append({"start": start, "stop": plan.steps})
 
-    lengths = [len(e.input_ids) for e in data]
-    model.train()
-    t0 = last_ckpt = time.monotonic()
-    bar = tqdm(sampling.logical_batches(plan.dataset_size, plan.batch_size, plan.steps, state["sampler_seed"],
-                                        plan.sampling, start=start),
-               total=plan.steps, initial=start, disable=not (progress and main), unit="step",
-               desc=f"{'DP ε=%g' % s.epsilon if plan.private else 'non-private'} {s.child}")
-    for step, idx in bar:
-        if world > 1:
-            torch.manual_seed(distributed.step_seed(s.seed, step, rank))  # dropout: per rank, resumable
-        shard = distributed.shard(idx, rank, world)
-        losses_sum, count = 0.0, 0
-        for part in sampling.physical_batches(shard, lengths, s.physical_batch_size, s.physical_tokens):
-            chunk = [data[i] for i in part]
-            batch = obj.collate(chunk, tok.pad_token_id, device)
-            if plan.private:
-                with engine.capture(batch_size=len(chunk)), _autocast(s.precision, device):
-                    losses = obj.loss(model, batch)
-                if s.verify_engine and not state["verified"]:
-                    # once: every parameter's gradient flows through hooked layers (bf16 autograd
-                    # gradients carry ~1e-2 relative rounding, hence the looser tolerance there)
-                    engine.verify(losses, rtol=1e-3 if s.precision == "fp32" else 5e-2)
-                    state["verified"] = True
-                    with engine.capture(batch_size=len(chunk)), _autocast(s.precision, device):
-                        losses = obj.loss(model, batch)
-                engine.backward(losses)
-            else:
-                with _autocast(s.precision, device):
-                    losses = obj.loss(model, batch)
-                (losses.sum() / len(idx)).backward()
-            losses_sum += float(losses.detach().sum())
-            count += len(chunk)
-        if world > 1:  # every rank now holds the whole batch's gradient sum and loss
-            distributed.all_reduce_grads(params)
-            losses_sum, count = distributed.all_reduce_sum([losses_sum, count], device)
+def clip_and_sum(job: Job, shard, batch_len: int, state: dict) -> tuple[float, int]:
+    """Run this rank's share of the logical batch through the model in length-sorted physical batches,
+    leaving in ``p.grad`` the sum of its per-example gradients, each clipped to C (under DP), or the
+    plain gradient of the mean loss over the ``batch_len`` examples of all ranks. Returns the loss sum and the example count (data statistics)."""
+    s, plan, engine = job.s, job.plan, job.engine
+    losses_sum, count = 0.0, 0
+    for part in sampling.physical_batches(shard, job.lengths, s.physical_batch_size, s.physical_tokens):
+        chunk = [job.data[i] for i in part]
+        batch = job.obj.collate(chunk, job.tok.pad_token_id, job.device)
         if plan.private:
-            if s.diagnostics:  # the clipped sum before noise: a statistic of the data, not covered by ε
-                state["grad_norms"].append(math.sqrt(sum(float(p.grad.float().pow(2).sum()) for p in params
-                                                         if p.grad is not None)) / plan.batch_size)
-            state["noise_norms"].append(privatize_(params, plan.noise_multiplier, s.clip_norm, plan.batch_size, gen))
-        loss = losses_sum / max(1, count)
-        # Under DP the gradient here is already privatized: checking it is post-processing. The loss is
-        # not, so under DP nothing below depends on it (a stop on a non-finite loss would release a bit).
-        grad_ok = _all_finite(params)
-        loss_ok = plan.private or math.isfinite(loss)
-        skip = False
-        if not (grad_ok and loss_ok):
-            what = "a non-finite privatized gradient" if plan.private else (
-                f"loss {loss}" + ("" if grad_ok else " and a non-finite gradient"))
-            if s.on_nonfinite == "stop":
-                raise NonFiniteError(f"step {step} of {plan.steps}: {what}. Lower train.lr, check the data, "
-                                     "or set train.on_nonfinite: skip to drop such updates")
-            skip = not grad_ok  # a finite gradient is applied even if the loss was not
-            if main:
-                print(f"step {step}: {what}; " + ("update skipped (train.on_nonfinite: skip); it still counts "
-                                                  "toward ε" if skip else "the gradient is finite, so it is applied"),
-                      flush=True)
-        if skip:
-            opt.zero_grad(set_to_none=True)
-            state["skipped"].append(step)
+            with engine.capture(batch_size=len(chunk)), _autocast(s.precision, job.device):
+                losses = job.obj.loss(job.model, batch)
+            if s.verify_engine and not state["verified"]:
+                # once: every parameter's gradient flows through hooked layers (bf16 autograd
+                # gradients carry ~1e-2 relative rounding, hence the looser tolerance there)
+                engine.verify(losses, rtol=1e-3 if s.precision == "fp32" else 5e-2)
+                state["verified"] = True
+                with engine.capture(batch_size=len(chunk)), _autocast(s.precision, job.device):
+                    losses = job.obj.loss(job.model, batch)
+            engine.backward(losses)
         else:
-            kept = (child.ct_f_mask_(params, s.p_f, gen, return_masks=s.child_strict) if s.child == "ct_f" else
-                    child.fixed_mask_(model, masks) if s.child == "ct_d" else [])
-            saved = child.snapshot(kept) if s.child_strict else []
-            opt.step()
-            child.restore_masked_(saved)
-            opt.zero_grad(set_to_none=True)
-        if world > 1 and step == start:
-            distributed.check_replicas(params)  # early: the ranks took the same first step
-        sched.step()
-        # under DP the log holds only what ε covers or what needs no data; the rest is a diagnostic
-        entry = {"step": step, "lr": sched.get_last_lr()[0], **({"skipped": True} if skip else {})}
-        state["log"].append(entry if plan.private else {**entry, "loss": loss, "batch": int(len(idx))})
-        if plan.private and s.diagnostics:
-            state["diagnostics"].append({"step": step, "loss": loss, "batch": int(len(idx))})
-        if not plan.private or s.diagnostics:
-            bar.set_postfix(loss=f"{loss:.4f}")
-        state["step"] = step + 1
-        now = time.monotonic()
-        due = ((s.checkpoint_every and state["step"] % s.checkpoint_every == 0)
-               or (s.checkpoint_minutes and now - last_ckpt >= 60 * s.checkpoint_minutes))
-        if due and state["step"] < plan.steps and main:
-            segments = [*state["segments"][:-1], {"start": start, "stop": state["step"]}]
-            checkpoint.save(ckpt_dir, {**state, "segments": segments, "seconds": state["seconds"] + now - t0,
-                                       "model": model.state_dict(), "optimizer": opt.state_dict(),
-                                       "scheduler": sched.state_dict(), "rng": checkpoint.rng_state(gen),
-                                       "noise_multiplier": plan.noise_multiplier}, fp)
-            last_ckpt = now
-    elapsed = state["seconds"] + time.monotonic() - t0
-    if world > 1:
-        distributed.check_replicas(params)  # before any output is written
-        if not main:
-            return {}
+            with _autocast(s.precision, job.device):
+                losses = job.obj.loss(job.model, batch)
+            (losses.sum() / batch_len).backward()
+        losses_sum += float(losses.detach().sum())
+        count += len(chunk)
+    return losses_sum, count
 
-    total = methods.count_parameters(model)[1]
+
+def train_step(job: Job, state: dict, step: int, idx) -> tuple[float, bool]:
+    """One optimizer step, in the privacy-critical order: clip (each example) and sum → all-reduce across
+    ranks → noise → (check the privatized gradient) → Child-Tuning mask → step. Returns the batch's mean
+    loss (a data statistic: under DP no decision reads it) and whether the update was skipped."""
+    s, plan, params = job.s, job.plan, job.params
+    if job.world > 1:
+        torch.manual_seed(distributed.step_seed(s.seed, step, job.rank))  # dropout: per rank, resumable
+    losses_sum, count = clip_and_sum(job, distributed.shard(idx, job.rank, job.world), len(idx), state)  # 1. clip
+    if job.world > 1:  # 2. every rank now holds the whole batch's gradient sum and loss
+        distributed.all_reduce_grads(params)
+        losses_sum, count = distributed.all_reduce_sum([losses_sum, count], job.device)
+    if plan.private:
+        if s.diagnostics:  # the clipped sum before noise: a statistic of the data, not covered by ε
+            state["grad_norms"].append(math.sqrt(sum(float(p.grad.float().pow(2).sum()) for p in params
+                                                     if p.grad is not None)) / plan.batch_size)
+        state["noise_norms"].append(privatize_(params, plan.noise_multiplier, s.clip_norm, plan.batch_size,
+                                               job.gen))  # 3. noise, and the division by the expected B
+    loss = losses_sum / max(1, count)
+    if _skip_update(job, step, loss):
+        job.opt.zero_grad(set_to_none=True)
+        return loss, True
+    kept = (child.ct_f_mask_(params, s.p_f, job.gen, return_masks=s.child_strict) if s.child == "ct_f" else
+            child.fixed_mask_(job.model, job.masks) if s.child == "ct_d" else [])  # 4. mask
+    saved = child.snapshot(kept) if s.child_strict else []
+    job.opt.step()  # 5. step
+    child.restore_masked_(saved)
+    job.opt.zero_grad(set_to_none=True)
+    return loss, False
+
+
+def _skip_update(job: Job, step: int, loss: float) -> bool:
+    """The non-finite policy. Under DP the gradient here is already privatized: checking it is
+    post-processing. The loss is not, so under DP nothing depends on it (a stop on a non-finite loss
+    would release a bit)."""
+    plan, s = job.plan, job.s
+    grad_ok = _all_finite(job.params)
+    if grad_ok and (plan.private or math.isfinite(loss)):
+        return False
+    what = "a non-finite privatized gradient" if plan.private else (
+        f"loss {loss}" + ("" if grad_ok else " and a non-finite gradient"))
+    if s.on_nonfinite == "stop":
+        raise NonFiniteError(f"step {step} of {plan.steps}: {what}. Lower train.lr, check the data, "
+                             "or set train.on_nonfinite: skip to drop such updates")
+    skip = not grad_ok  # a finite gradient is applied even if the loss was not
+    if job.main:
+        print(f"step {step}: {what}; " + ("update skipped (train.on_nonfinite: skip); it still counts toward ε"
+                                          if skip else "the gradient is finite, so it is applied"), flush=True)
+    return skip
+
+
+def new_state(job: Job) -> dict:
+    return {"step": 0, "log": [], "diagnostics": [], "noise_norms": [], "grad_norms": [], "skipped": [],
+            "verified": False, "segments": [], "seconds": 0.0,
+            # which examples join each batch: from the run's seed, or (secure_rng) from the OS, then only here
+            "sampler_seed": distributed.broadcast_seed(noise_seed(job.s.seed, job.s.secure_rng and job.plan.private),
+                                                       job.device)}
+
+
+def resume(job: Job, ckpt_dir: Path, fp: str, state: dict) -> dict:
+    """The state of a matching checkpoint (model, optimizer, schedule, generators restored), or ``state``."""
+    resumed = checkpoint.load(ckpt_dir, fp, log=print if job.main else lambda *_: None)
+    if resumed is None:
+        return state
+    if resumed["noise_multiplier"] != job.plan.noise_multiplier:
+        raise RuntimeError(f"checkpoint {ckpt_dir} was calibrated to σ={resumed['noise_multiplier']} but this "
+                           f"run calibrates σ={job.plan.noise_multiplier}: delete {ckpt_dir} and rerun")
+    job.model.load_state_dict(resumed["model"])
+    job.opt.load_state_dict(resumed["optimizer"])
+    job.sched.load_state_dict(resumed["scheduler"])
+    checkpoint.set_rng_state(resumed["rng"], job.gen)
+    if job.main:
+        print(f"resuming from checkpoint {ckpt_dir} at step {resumed['step']} of {job.plan.steps}", flush=True)
+    return {k: resumed.get(k, state[k]) for k in state}
+
+
+def record_step(job: Job, state: dict, step: int, idx, loss: float, skip: bool, bar) -> None:
+    """The step's log entry: under DP only what ε covers or needs no data; the rest is a diagnostic."""
+    private, s = job.plan.private, job.s
+    if skip:
+        state["skipped"].append(step)
+    entry = {"step": step, "lr": job.sched.get_last_lr()[0], **({"skipped": True} if skip else {})}
+    state["log"].append(entry if private else {**entry, "loss": loss, "batch": int(len(idx))})
+    if private and s.diagnostics:
+        state["diagnostics"].append({"step": step, "loss": loss, "batch": int(len(idx))})
+    if not private or s.diagnostics:
+        bar.set_postfix(loss=f"{loss:.4f}")
+    state["step"] = step + 1
+
+
+def save_checkpoint(job: Job, ckpt_dir: Path, fp: str, state: dict, start: int, seconds: float) -> None:
+    segments = [*state["segments"][:-1], {"start": start, "stop": state["step"]}]
+    checkpoint.save(ckpt_dir, {**state, "segments": segments, "seconds": state["seconds"] + seconds,
+                               "model": job.model.state_dict(), "optimizer": job.opt.state_dict(),
+                               "scheduler": job.sched.state_dict(), "rng": checkpoint.rng_state(job.gen),
+                               "noise_multiplier": job.plan.noise_multiplier}, fp)
+
+
+def write_outputs(job: Job, state: dict, out_dir: Path, mask_file, train_file, elapsed: float) -> dict:
+    """model/, train_log.json, train_metrics.json (and the diagnostics when asked), privacy.json last."""
+    s, plan = job.s, job.plan
+    total = methods.count_parameters(job.model)[1]
     with atomic_dir(out_dir / "model") as tmp:
-        methods.save_trained(model, s.method, tmp)
-        tok.save_pretrained(tmp)
-    report = privacy_record(plan, s, mask_file, state["skipped"], mask_info, train_file)
+        methods.save_trained(job.model, s.method, tmp)
+        job.tok.save_pretrained(tmp)
+    report = privacy_record(plan, s, mask_file, state["skipped"], job.mask_info, train_file)
     noise = float(np.mean(state["noise_norms"])) if plan.private else 0.0
     train_metrics = {
         "steps": plan.steps, "seconds": elapsed, "seconds_per_step": elapsed / plan.steps,
-        "trainable_parameters": int(sum(p.numel() for p in params)), "total_parameters": total,
-        "method": s.method, "objective_family": obj.family, "device": str(device), "world_size": world,
+        "trainable_parameters": int(sum(p.numel() for p in job.params)), "total_parameters": total,
+        "method": s.method, "objective_family": job.obj.family, "device": str(job.device), "world_size": job.world,
         "settings": asdict(s), "skipped_steps": state["skipped"], "segments": state["segments"],
         # the norm of the noise of each averaged update, mean over steps (σ·C·√d/B: no data in it)
         "noise_norm_mean": noise, "guarantee_holds": not plan.unaccounted,
-        "peak_memory_bytes": (torch.cuda.max_memory_allocated() if device.type == "cuda" else None),
+        "peak_memory_bytes": (torch.cuda.max_memory_allocated() if job.device.type == "cuda" else None),
         # the last batch's mean loss: a statistic of the training data, so absent under DP
         **({} if plan.private else {"final_loss": state["log"][-1]["loss"]}),
     }
@@ -467,8 +486,62 @@ def run(settings: RunSettings, model_dir: Path, train_file: Path, out_dir: Path,
             # ‖noise‖ / ‖clipped gradient‖ of the averaged update, mean over steps: grows with the dimension
             "noise_to_signal": noise / max(1e-12, grads)})
     write_json(out_dir / "privacy.json", report)  # last: its presence means the run finished
-    checkpoint.clear(ckpt_dir)
     return {"privacy": report, "train": train_metrics}
+
+
+def run(settings: RunSettings, model_dir: Path, train_file: Path, out_dir: Path,
+        mask_file: Path | None = None, progress: bool = True) -> dict:
+    """Train one run into ``out_dir`` (resuming its checkpoint if there is one); the returned dict holds
+    its privacy report and training metrics."""
+    s, out_dir = settings, Path(out_dir)
+    if s.world_size > 1 and not distributed.is_initialized():
+        # W fresh processes run this function again, inside a process group; rank 0 writes the outputs
+        distributed.launch(run, s.world_size, (s, model_dir, train_file, out_dir, mask_file, progress))
+        return {"privacy": read_json(out_dir / "privacy.json"), "train": read_json(out_dir / "train_metrics.json")}
+    rank, world = distributed.rank_and_world(s.world_size)
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    _set_seed(s.seed)
+    device = distributed.local_device() if world > 1 else default_device()
+    tok = load_tokenizer(model_dir)
+    obj = objective(s.kind, s.task, s.objective, s.num_labels, s.prompt, model_dir=model_dir)
+    if s.zero_shot:
+        return _zero_shot(s, obj.load(model_dir), tok, out_dir, obj.family)
+    model = methods.apply(obj.load(model_dir), s.method, s.kind, s.method_options, seed=s.seed,
+                          objective=s.objective).to(device)
+    job = setup(s, model, obj, tok, train_file, mask_file, device, rank, world)
+
+    ckpt_dir = out_dir / "checkpoint"
+    fp = checkpoint.fingerprint(asdict(s), train_file, model_dir, mask_file)
+    state = resume(job, ckpt_dir, fp, new_state(job))
+    start = state["step"]
+    state["segments"].append({"start": start, "stop": job.plan.steps})
+    model.train()
+    t0 = last_ckpt = time.monotonic()
+    batches = sampling.logical_batches(job.plan.dataset_size, job.plan.batch_size, job.plan.steps,
+                                       state["sampler_seed"], job.plan.sampling, start=start)
+    bar = tqdm(batches, total=job.plan.steps, initial=start, disable=not (progress and job.main), unit="step",
+               desc=f"{'DP ε=%g' % s.epsilon if job.plan.private else 'non-private'} {s.child}")
+    for step, idx in bar:
+        loss, skip = train_step(job, state, step, idx)
+        if world > 1 and step == start:
+            distributed.check_replicas(job.params)  # early: the ranks took the same first step
+        job.sched.step()
+        record_step(job, state, step, idx, loss, skip, bar)
+        now = time.monotonic()
+        due = ((s.checkpoint_every and state["step"] % s.checkpoint_every == 0)
+               or (s.checkpoint_minutes and now - last_ckpt >= 60 * s.checkpoint_minutes))
+        if due and state["step"] < job.plan.steps and job.main:
+            save_checkpoint(job, ckpt_dir, fp, state, start, now - t0)
+            last_ckpt = now
+    elapsed = state["seconds"] + time.monotonic() - t0
+    if world > 1:
+        distributed.check_replicas(job.params)  # before any output is written
+        if not job.main:
+            return {}
+    result = write_outputs(job, state, out_dir, mask_file, train_file, elapsed)
+    checkpoint.clear(ckpt_dir)
+    return result
 
 
 def _zero_shot(s: RunSettings, model, tok, out_dir: Path, family: str | None) -> dict:
