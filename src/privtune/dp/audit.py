@@ -22,23 +22,14 @@ exits 1 if any run fails; the ``privacy_audit`` rule runs it on every run.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import math
 import sys
 from pathlib import Path
 
-from ..io import read_json, read_jsonl, write_json
+from ..io import file_sha256, read_json, read_jsonl, write_json
 from . import accounting
 
 RTOL = 1e-9
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _events(report: dict) -> list[accounting.GaussianEvent]:
