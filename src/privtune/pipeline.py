@@ -125,6 +125,11 @@ def run_objective(run: Run, e: dict) -> str:
     return dict(run.hparams).get("objective", e.get("objective", "head"))
 
 
+def has_dp(e: dict) -> bool:
+    """Whether an experiment has a run with a finite ε."""
+    return any(x != "inf" for x in e.get("epsilons", []))
+
+
 def fisher_source(e: dict) -> str:
     """Where an experiment's Child-Tuning_D mask comes from: ``child.fisher_source`` when set, else the
     accounted choice: ``dp`` when the experiment has a finite ε (its ε then covers the mask), ``train``
@@ -132,7 +137,7 @@ def fisher_source(e: dict) -> str:
     given = e.get("child", {}).get("fisher_source")
     if given:
         return given
-    return "dp" if any(x != "inf" for x in e.get("epsilons", [])) else "train"
+    return "dp" if has_dp(e) else "train"
 
 
 def fisher_source_token(e: dict) -> str:
@@ -173,7 +178,7 @@ def _check_child(e: dict, config: dict) -> None:
 def _check_guarantee(e: dict, config: dict) -> None:
     """A DP experiment with a setting its ε does not cover, refused before any job unless
     train.allow_unaccounted (privtune.dp.guarantee; training refuses it again)."""
-    if not any(x != "inf" for x in e["epsilons"]):
+    if not has_dp(e):
         return
     train = {**config.get("train_defaults", {}), **e.get("train", {})}
     guarantee.check(True, bool(train.get("allow_unaccounted")), f"experiment '{e['name']}'",
@@ -317,7 +322,8 @@ def fisher_settings(config: dict, task: str, model: str, source: str, p_d: float
                       "max_length": config["datasets"][data_task].get("max_length", 128), "seed": seed,
                       "threads": config.get("threads"), "source": fisher_source(e),
                       "fisher_epsilon": child.get("fisher_epsilon"), "fisher_clip": child.get("fisher_clip", 1.0),
-                      "delta": train.get("delta", "auto"), "secure_noise": bool(train.get("secure_rng") or train.get("secure_noise"))})
+                      "delta": train.get("delta", "auto"),
+                      "secure_noise": bool(train.get("secure_rng") or train.get("secure_noise"))})
 
 
 MISMATCHED_TASKS = ("mnli",)

@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .models import ModelPrepError, load_tokenizer
-from .objectives.templates import (TEMPLATES, PromptObjectiveError, PromptSpec, _task_name,  # noqa: F401
+from .objectives.templates import (TEMPLATES, PromptObjectiveError, PromptSpec,  # noqa: F401 (re-exported)
                                    prompt_spec, supports_prompt)
 from .tasks import Encoded, pad_right
 

@@ -331,7 +331,8 @@ def setup(s: RunSettings, model, obj, tok, train_file: Path, mask_file: Path | N
 def clip_and_sum(job: Job, shard, batch_len: int, state: dict) -> tuple[float, int]:
     """Run this rank's share of the logical batch through the model in length-sorted physical batches,
     leaving in ``p.grad`` the sum of its per-example gradients, each clipped to C (under DP), or the
-    plain gradient of the mean loss over the ``batch_len`` examples of all ranks. Returns the loss sum and the example count (data statistics)."""
+    plain gradient of the mean loss over the ``batch_len`` examples of all ranks. Returns the loss sum
+    and the example count (data statistics)."""
     s, plan, engine = job.s, job.plan, job.engine
     losses_sum, count = 0.0, 0
     for part in sampling.physical_batches(shard, job.lengths, s.physical_batch_size, s.physical_tokens):

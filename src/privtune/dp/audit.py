@@ -22,6 +22,7 @@ exits 1 if any run fails; the ``privacy_audit`` rule runs it on every run.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
 from pathlib import Path
@@ -32,19 +33,14 @@ from . import accounting
 RTOL = 1e-9
 
 
-def _events(report: dict) -> list[accounting.GaussianEvent]:
-    return [accounting.GaussianEvent(**e) for e in report["events"]]
-
-
-def independent_epsilons(events: list[dict], delta: float) -> dict[str, float]:
-    """ε of the recorded ``events`` under dp-accounting's PLD accountant (the RDP ones, Opacus's and
+def independent_epsilons(events: list[accounting.GaussianEvent], delta: float) -> dict[str, float]:
+    """ε of ``events`` under dp-accounting's PLD accountant (the RDP ones, Opacus's and
     dp-accounting's, are already inside the reported maximum)."""
-    return {"dp_accounting_pld": accounting.epsilon([accounting.GaussianEvent(**e) for e in events], delta,
-                                                    "dpa_pld")}
+    return {"dp_accounting_pld": accounting.epsilon(events, delta, "dpa_pld")}
 
 
-def _close(a: float, b: float, rel: float = 1e-9) -> bool:
-    return math.isclose(a, b, rel_tol=rel, abs_tol=0.0)
+def _close(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
 
 
 def audit_report(report: dict) -> dict:
@@ -68,11 +64,12 @@ def audit_report(report: dict) -> dict:
                         f"= {report['expected_batch_size']}/{n}")
     if not delta < 1 / n:
         problems.append(f"δ = {delta} is not below 1/n = {1 / n:.3g}")
-    rdp = accounting.epsilon(_events(report), delta, "rdp")
+    composed = [accounting.GaussianEvent(**e) for e in events]
+    rdp = accounting.epsilon(composed, delta, "rdp")
     if report["epsilon"] < rdp * (1 - RTOL):
         problems.append(f"reported ε = {report['epsilon']:.6g} is below the RDP accountant's {rdp:.6g} "
                         "re-derived from the recorded events")
-    independent = independent_epsilons(events, delta)
+    independent = independent_epsilons(composed, delta)
     worst = max(independent.values())
     if report["epsilon"] < worst * (1 - RTOL):
         problems.append(f"reported ε = {report['epsilon']:.6g} is below the independent accountant's {worst:.6g}")
@@ -80,9 +77,16 @@ def audit_report(report: dict) -> dict:
             "independent": independent, "problems": problems}
 
 
-def _check_data(report: dict, kind: str | None) -> list[str]:
+@functools.lru_cache(maxsize=64)
+def _file_facts(name: str, kind: str, _stat: tuple) -> tuple[str, int]:
+    """(SHA-256, training examples) of a training file, read once however many runs name it;
+    ``_stat`` (size, mtime) makes a file changed since the last read be read again."""
     from ..tasks import training_size
 
+    return file_sha256(Path(name)), training_size(read_jsonl(Path(name)), kind)
+
+
+def _check_data(report: dict, kind: str | None) -> list[str]:
     name = report.get("train_file")
     if not name:
         return ["privacy.json names no training file (train_file): the dataset size cannot be checked"]
@@ -90,10 +94,11 @@ def _check_data(report: dict, kind: str | None) -> list[str]:
     if not path.exists():
         return [f"the training file {name} is missing: the dataset size cannot be checked (run the audit "
                 "from the folder the run was made in)"]
+    st = path.stat()
+    sha, n = _file_facts(str(path), kind or "classification", (st.st_size, st.st_mtime_ns))
     problems = []
-    if report.get("train_file_sha256") != file_sha256(path):
+    if report.get("train_file_sha256") != sha:
         problems.append(f"the training file {name} changed since training (SHA-256 differs from the record)")
-    n = training_size(read_jsonl(path), kind or "classification")
     if n != report["dataset_size"]:
         problems.append(f"dataset_size = {report['dataset_size']} but {name} holds {n} training examples")
     return problems
