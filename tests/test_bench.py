@@ -1,7 +1,7 @@
 """The clipping benchmark on a tiny shape: it runs, records failures as results, and computes ratios."""
 import pytest
 
-from privtune import bench
+from privtune.bench import clipping as bench
 
 
 @pytest.fixture
@@ -42,7 +42,7 @@ def test_interleaved_ratios_are_per_round_and_refusals_are_results(tiny_shape):
 
 def test_length_sorted_batches_benchmark_reports_its_token_bound(tmp_path, tiny_models):
     """bench_batches on a tiny model: both splits run the same logical batches; sorting never pads more."""
-    from privtune.bench_batches import measure
+    from privtune.bench.batches import measure
     from privtune.io import write_jsonl
 
     words = ["good", "bad", "a long and rather winding sentence about a film that went on and on", "ok"]

@@ -11,10 +11,13 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from privtune import checkpoint, distributed
+from privtune.training import checkpoint
+
+from privtune.training import distributed
 from privtune.dp import sampling
 from privtune.io import read_json, write_jsonl
-from privtune.train import DIAGNOSTICS, RunSettings, noise_seed, run
+from privtune.dp.plan import noise_seed
+from privtune.training.loop import DIAGNOSTICS, RunSettings, run
 
 TEXTS = ["a great film", "dull and slow", "wonderful acting", "a mess", "loved it", "boring", "superb", "awful"]
 SST = [{"text_a": t, "text_b": None, "label": i % 2} for i, t in enumerate(TEXTS * 8)]  # 64 examples

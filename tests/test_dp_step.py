@@ -4,10 +4,10 @@ import pytest
 import torch
 from torch import nn
 
-from privtune.child import ct_f_mask_, fixed_mask_, is_encoder_layer, restore_masked_, snapshot
-from privtune.dp.optimizer import privatize_
+from privtune.childtuning.mask import ct_f_mask_, fixed_mask_, is_encoder_layer, restore_masked_, snapshot
+from privtune.dp.noise import privatize_
 from privtune.dp.sampling import logical_batches
-from privtune.fisher import mask_density, top_fraction_mask
+from privtune.childtuning.fisher import mask_density, top_fraction_mask
 
 
 def test_poisson_batches_have_the_expected_rate_and_are_reproducible():
@@ -115,7 +115,7 @@ def test_encoder_layer_selection(name, expected):
 
 def test_privatize_draws_the_same_noise_as_one_randn_per_parameter():
     """The CPU path draws in chunks into a reused buffer; the values must equal a plain randn per parameter."""
-    from privtune.dp.optimizer import NOISE_CHUNK
+    from privtune.dp.noise import NOISE_CHUNK
 
     shapes = [(2,), (5,), (NOISE_CHUNK * 2 + 7,), (NOISE_CHUNK + 16,), (300, 77)]
     params = [nn.Parameter(torch.zeros(s)) for s in shapes]
@@ -136,7 +136,7 @@ def test_one_non_finite_example_leaves_the_clipped_sum_of_the_others(float64, mo
     the sum is exactly the clipped sum of the other examples (no NaN, sensitivity still C)."""
     from transformers import AutoModelForCausalLM
 
-    from privtune.architectures import tiny_config
+    from privtune.models.architectures import tiny_config
     from privtune.dp.engine import GhostClipEngine
 
     torch.manual_seed(0)

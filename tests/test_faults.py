@@ -15,11 +15,12 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import copy_workflow
-from privtune import checkpoint, train
+from privtune.training import checkpoint
+from privtune.training import loop as train
 from privtune.dp import sampling
 from privtune.dp.audit import audit_report
 from privtune.io import atomic_dir, atomic_path, read_json, write_json, write_jsonl
-from privtune.train import DIAGNOSTICS, NonFiniteError, RunSettings, run
+from privtune.training.loop import DIAGNOSTICS, NonFiniteError, RunSettings, run
 
 SST = [{"text_a": t, "text_b": None, "label": i % 2} for i, t in enumerate(
     ["a great film", "dull and slow", "wonderful acting", "a mess", "loved it", "boring", "superb", "awful"] * 4)]
@@ -253,7 +254,7 @@ def test_nonpositive_epsilon_is_refused(eps):
 def test_train_command_line(tmp_path, tiny_models, sst_file):
     settings = tmp_path / "s.json"
     settings.write_text(json.dumps({"kind": "classification", "steps": 2, "batch_size": 8, "max_length": 32}))
-    out = subprocess.run([sys.executable, "-m", "privtune.train", "--settings", str(settings), "--model",
+    out = subprocess.run([sys.executable, "-m", "privtune.training.loop", "--settings", str(settings), "--model",
                           str(tiny_models / "bert"), "--train", str(sst_file), "--out", str(tmp_path / "run"),
                           "--no-progress"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]

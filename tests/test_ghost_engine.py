@@ -6,7 +6,7 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from transformers.pytorch_utils import Conv1D
 
-from privtune.architectures import tiny_config
+from privtune.models.architectures import tiny_config
 from privtune.dp.engine import GhostClipEngine
 from privtune.dp.layers import UnsupportedLayerError
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from privtune import methods
-from privtune.architectures import tiny_config
+from privtune.models import methods
+from privtune.models.architectures import tiny_config
 from privtune.dp.engine import GhostClipEngine
 
 from test_ghost_engine import _batch, brute_force

@@ -7,13 +7,13 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModel, AutoModelForCausalLM
 
-from privtune.architectures import tiny_config
+from privtune.models.architectures import tiny_config
 from privtune.dp.engine import GhostClipEngine
-from privtune.dp.optimizer import privatize_
+from privtune.dp.noise import privatize_
 from privtune.dp.sampling import physical_batches
-from privtune.models import byte_tokenizer
+from privtune.models.prepare import byte_tokenizer
 from privtune.objectives import causal, objective, prompt_family, similarity
-from privtune.prompting import PromptObjectiveError
+from privtune.objectives.mlm import PromptObjectiveError
 
 RECORDS = [
     {"text_a": "a fine film", "label": 1},
@@ -196,7 +196,7 @@ CHAT = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% e
 
 
 def test_instruct_tokenizer_gets_its_chat_format_and_no_bare_eos_separator():
-    from privtune import tasks
+    from privtune.objectives import head as tasks
 
     tok = byte_tokenizer("llama")
     plain = tasks.encode_table2text(tok, [{"source": "a | b", "references": ["X."]}], 64)[0]

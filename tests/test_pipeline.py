@@ -245,9 +245,11 @@ def test_sweeps_over_objective_and_clipping_norm_have_their_own_paths():
 def test_building_the_runs_imports_no_torch():
     """The workflow's DAG (common.smk imports privtune.pipeline) needs no deep-learning stack: every
     preset expands and is checked (objectives, methods, guarantees) without importing torch."""
-    code = ("import sys, yaml\nfrom privtune.pipeline import expand_runs, run_settings\n"
+    code = ("import sys, yaml\nfrom snakemake.utils import validate\n"
+            "from privtune.pipeline import expand_runs, run_settings\n"
             "for name in ('config.yaml', 'config/tiny.yaml', 'config/paper.yaml', 'config/claims.yaml'):\n"
             "    cfg = yaml.safe_load(open(name))\n"
+            "    validate(cfg, 'workflow/schemas/config.schema.yaml')  # as the Snakefile does: fills defaults\n"
             "    [run_settings(cfg, r) for r in expand_runs(cfg)]\n"
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'peft', 'opacus'))\n"
             "assert not bad, bad\n")

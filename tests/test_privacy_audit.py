@@ -23,13 +23,14 @@ from privtune.dp import accounting, sampling
 from privtune.dp.accounting import default_delta
 from privtune.dp.audit import audit_report, audit_run
 from privtune.dp.engine import GhostClipEngine
-from privtune.dp.optimizer import privatize_
-from privtune.fisher import dp_fisher_event
+from privtune.dp.noise import privatize_
+from privtune.childtuning.fisher import dp_fisher_event
 from privtune.io import read_json, write_json, write_jsonl
 from privtune.pipeline import expand_runs, fisher_source, run_settings
-from privtune.prep import subsample
-from privtune.tasks import training_size
-from privtune.train import RunSettings, plan_privacy, privacy_record, run
+from privtune.data.prep import subsample
+from privtune.objectives.head import training_size
+from privtune.dp.plan import plan_privacy, privacy_record
+from privtune.training.loop import RunSettings, run
 
 
 def test_every_quick_preset_dp_run_passes_an_independent_audit(data_dir):

@@ -7,12 +7,12 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
 
-from privtune.architectures import tiny_config
+from privtune.models.architectures import tiny_config
 from privtune.data.readers import task_info
 from privtune.dp.engine import GhostClipEngine
 from privtune.dp.layers import UnsupportedLayerError
-from privtune.models import byte_tokenizer
-from privtune.prompting import (
+from privtune.models.prepare import byte_tokenizer
+from privtune.objectives.mlm import (
     TEMPLATES,
     PromptObjectiveError,
     PromptSpec,

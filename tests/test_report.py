@@ -11,7 +11,7 @@ from PIL import Image
 from snakemake.utils import validate
 
 from conftest import ROOT, copy_workflow
-from privtune import gpus
+from privtune.training import gpus
 from privtune.dp import accounting
 from privtune.pipeline import Run, expand_runs, paper_figures, provenance_text, run_settings
 from privtune.report import figures, tables
@@ -115,7 +115,7 @@ def test_epsilon_and_benchmark_figures(tmp_path):
              "seq": 64} for s, p in (("a", 1e6), ("b", 4e6))
             for m, t, mb in (("nonprivate", 1.0, 100.0), ("ours_bk", 1.2, 105.0), ("opacus_hooks", 3.0, 400.0))]
     recs.append({"shape": "b", "method": "opacus_ghost", "status": "error", "error": "tied", "batch": 8, "seq": 64})
-    from privtune.bench import with_ratios
+    from privtune.bench.clipping import with_ratios
     (tmp_path / "b.json").write_text(json.dumps({"device": "cpu", "batch": 8, "seq": 64,
                                                  "records": with_ratios(recs)}))
     figures.benchmark([tmp_path / "b.json"], tmp_path / "bench.png")

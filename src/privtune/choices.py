@@ -1,12 +1,12 @@
 """The names a config chooses among, and the checks on them that need no model.
 
 Torch-free, so that building the workflow's DAG (``privtune.pipeline``) imports no deep-learning
-stack; :mod:`privtune.methods` and :mod:`privtune.child` re-export these names.
+stack; :mod:`privtune.models.methods` and :mod:`privtune.childtuning.mask` re-export these names.
 """
 from __future__ import annotations
 
-METHODS = ("full", "lora", "prefix", "top2", "retrain")  # fine-tuning methods (privtune.methods)
-CHILD_METHODS = ("vanilla", "ct_f", "ct_d")  # Child-Tuning (privtune.child)
+METHODS = ("full", "lora", "prefix", "top2", "retrain")  # fine-tuning methods (privtune.models.methods)
+CHILD_METHODS = ("vanilla", "ct_f", "ct_d")  # Child-Tuning (privtune.childtuning.mask)
 
 
 class MethodError(ValueError):

@@ -1,4 +1,8 @@
-"""Evaluate a trained run on its evaluation split; write metrics.json (one row of the tables)."""
+"""The evaluation stage: a trained run on its evaluation split; writes metrics.json (one row of the tables).
+
+The objective, its prompt, the label count and the input length are the run's own (its
+``train_metrics.json`` settings), so a run is evaluated as it was trained; the metrics are the
+task registry's (:mod:`privtune.tasks`) unless ``metrics`` names a subset."""
 from __future__ import annotations
 
 import math
@@ -7,10 +11,11 @@ from pathlib import Path
 
 import torch
 
-from . import methods, tasks
-from .io import read_json, read_jsonl, write_atomic, write_json
-from .models import default_device, load_tokenizer
-from .objectives import objective
+from privtune import tasks
+from privtune.io import read_json, read_jsonl, write_atomic, write_json
+from privtune.models import methods
+from privtune.models.load import default_device, load_tokenizer
+from privtune.objectives import head, objective
 
 
 def evaluate(run_dir: Path, eval_file: Path, out_file: Path, kind: str, task: str, meta: dict,
@@ -20,29 +25,29 @@ def evaluate(run_dir: Path, eval_file: Path, out_file: Path, kind: str, task: st
 
     ``mismatched_file`` (MNLI): a second evaluation set whose accuracy is reported as ``accuracy_mm``.
     """
-    from .metrics import classification_metrics, generation_metrics
+    from privtune.metrics import classification_metrics, generation_metrics
 
     if threads:
         torch.set_num_threads(threads)
     run_dir = Path(run_dir)
     device = default_device()
     tok = load_tokenizer(run_dir / "model")
-    obj = objective(kind, task, meta.get("objective", "head"), meta.get("num_labels", 2), meta.get("prompt"),
-                    model_dir=run_dir / "model")
+    train = read_json(run_dir / "train_metrics.json")
+    s = train["settings"]
+    obj = objective(kind, task, s["objective"], s["num_labels"], s["prompt"], model_dir=run_dir / "model")
     # a prefix-tuned run keeps its prefix as a peft adapter beside the base weights
     model = methods.attach_adapter(obj.load(run_dir / "model"), run_dir / "model").to(device)
     records, mismatched = read_jsonl(eval_file), None
     t0 = time.perf_counter()
     if kind == "table2text":
         g = dict(generation or {})
-        hyps = tasks.generate(model, tok, [r["source"] for r in records], device, **g)
+        hyps = head.generate(model, tok, [r["source"] for r in records], device, **g)
         write_atomic(Path(out_file).with_name("predictions.txt"), "".join(h.replace("\n", " ") + "\n" for h in hyps))
         scores = generation_metrics(hyps, [r["references"] for r in records],
-                                    metrics=tuple(metrics or ("bleu", "rouge_l")))
+                                    metrics=tuple(metrics or tasks.task(task).metrics))
     else:
-        max_length = meta.get("max_length", 128)
         def score(recs):
-            preds = obj.predict(model, obj.encode(tok, recs, max_length), tok.pad_token_id, device)
+            preds = obj.predict(model, obj.encode(tok, recs, s["max_length"]), tok.pad_token_id, device)
             return classification_metrics(task, preds, [r["label"] for r in recs])
 
         scores = score(records)
@@ -50,17 +55,17 @@ def evaluate(run_dir: Path, eval_file: Path, out_file: Path, kind: str, task: st
             mismatched = read_jsonl(mismatched_file)
             scores["accuracy_mm"] = score(mismatched)["accuracy"]
     privacy = read_json(run_dir / "privacy.json")
-    train = read_json(run_dir / "train_metrics.json")
     eps = privacy.get("epsilon")
     row = {
         **meta,
         "task": task,
+        "objective": s["objective"],
         "objective_family": obj.family,
         "metrics": scores,
         "epsilon_spent": None if eps is None or (isinstance(eps, float) and math.isinf(eps)) else eps,
         "delta": privacy.get("delta"),
         "noise_multiplier": privacy.get("noise_multiplier", 0.0),
-        "clip_norm": train["settings"].get("clip_norm"),
+        "clip_norm": s["clip_norm"],
         "train_batch_size": privacy.get("expected_batch_size"),
         "dataset_size": privacy.get("dataset_size"),
         "trainable_parameters": train["trainable_parameters"],

@@ -20,11 +20,12 @@ import json
 import math
 from dataclasses import dataclass
 
-from .choices import CHILD_METHODS, MethodError, check_objective
-from .choices import METHODS as DP_METHODS
-from .data.readers import task_info
-from .dp import guarantee
-from .objectives import templates
+from privtune.choices import CHILD_METHODS, MethodError, check_objective
+from privtune.choices import METHODS as DP_METHODS
+from privtune import tasks
+from privtune.tasks import task_info
+from privtune.dp import guarantee
+from privtune.objectives import templates
 
 
 def canonical(obj):
@@ -95,7 +96,7 @@ class Run:
         e = self.exp(config)
         child = e.get("child", {})
         return (f"results/fisher/{self.task}/{self.model}/{fisher_source_token(e)}/"
-                f"pd~{pd_token(child.get('p_d', 0.3))}/seed~{self.seed}/mask.pt")
+                f"pd~{pd_token(child['p_d'])}/seed~{self.seed}/mask.pt")
 
     @classmethod
     def from_wildcards(cls, config: dict, wc) -> "Run":
@@ -113,7 +114,7 @@ class Run:
                          "objective": run_objective(self, e), "prompt": e.get("prompt", {}),
                          "seed": self.seed, "experiment": self.experiment, "num_labels": info["num_labels"],
                          "variant": self.variant, "hparams": dict(self.hparams),
-                         "max_length": config["datasets"][self.task].get("max_length", 128)}})
+                         "max_length": config["datasets"][self.task]["max_length"]}})
 
 
 ZERO_SHOT = "zeroshot"
@@ -122,7 +123,7 @@ SWEEP_KEYS = {"batch_size": "bs", "lr": "lr", "clip_norm": "C", "objective": "ob
 
 def run_objective(run: Run, e: dict) -> str:
     """The objective of a run: the experiment's, unless its grid point sweeps it."""
-    return dict(run.hparams).get("objective", e.get("objective", "head"))
+    return dict(run.hparams).get("objective", e["objective"])
 
 
 def has_dp(e: dict) -> bool:
@@ -182,7 +183,7 @@ def _check_guarantee(e: dict, config: dict) -> None:
         return
     train = {**config.get("train_defaults", {}), **e.get("train", {})}
     guarantee.check(True, bool(train.get("allow_unaccounted")), f"experiment '{e['name']}'",
-                    sampling=train.get("sampling") or "poisson", verify_engine=train.get("verify_engine", True),
+                    sampling=train["sampling"] or "poisson", verify_engine=train["verify_engine"],
                     mask_source=fisher_source(e) if "ct_d" in e["methods"] else None)
 
 
@@ -225,13 +226,13 @@ def expand_runs(config: dict) -> list[Run]:
         if "ct_d" in e["methods"]:
             _check_child(e, config)
         _check_guarantee(e, config)
-        if e.get("objective", "head") != "head":
+        if e["objective"] != "head":
             _check_objective(e)
         allowed = CHILD_METHODS if e["paper"] == "xu2021" else DP_METHODS
         for meth in e["methods"]:
             if meth not in allowed:
                 raise ValueError(f"experiment '{e['name']}': method '{meth}' is not one of {allowed} for {e['paper']}")
-        if e.get("zero_shot") and e.get("objective", "head") == "head" and task_info(e["task"])["kind"] != "table2text":
+        if e.get("zero_shot") and e["objective"] == "head" and task_info(e["task"])["kind"] != "table2text":
             raise ValueError(f"experiment '{e['name']}': zero_shot needs objective: prompt (a new classification "
                              "head is random before training) or a table-to-text task")
         grid = list(itertools.product(e["models"], e["methods"], e["epsilons"], e["seeds"], sweep_points(e)))
@@ -268,7 +269,7 @@ def run_settings(config: dict, run: Run) -> dict:
         s.update(e.get("nonprivate_train", {}))
     hp = dict(run.hparams)
     s.update({k: v for k, v in hp.items() if k != "objective"})
-    if "batch_size" in hp and s.get("physical_batch_size", 32) > s["batch_size"]:
+    if "batch_size" in hp and s["physical_batch_size"] > s["batch_size"]:
         s["physical_batch_size"] = s["batch_size"]
     if run_objective(run, e) != "head":
         s.update(objective=run_objective(run, e), prompt=e.get("prompt", {}))
@@ -277,7 +278,7 @@ def run_settings(config: dict, run: Run) -> dict:
     s.update(kind=info["kind"], num_labels=info["num_labels"], seed=run.seed, threads=config.get("threads"),
              task=run.task,
              epsilon=None if not run.private else float(run.eps),
-             max_length=config["datasets"][run.task].get("max_length", 128))
+             max_length=config["datasets"][run.task]["max_length"])
     if run.method in DP_METHODS or run.zero_shot:
         s["method"] = "full" if run.zero_shot else run.method
         given = e.get("method_options", {}).get(run.method)
@@ -286,8 +287,8 @@ def run_settings(config: dict, run: Run) -> dict:
     child = e.get("child", {})
     if run.method in CHILD_METHODS:
         s["child"] = run.method
-        s["p_f"] = child.get("p_f", 0.3)
-        s["child_strict"] = child.get("strict", False)
+        s["p_f"] = child["p_f"]
+        s["child_strict"] = child["strict"]
     return canonical(s)
 
 
@@ -311,22 +312,19 @@ def fisher_data(config: dict, task: str, model: str, source: str) -> str:
 
 
 def fisher_settings(config: dict, task: str, model: str, source: str, p_d: float, seed: int) -> dict:
-    """Arguments of :func:`privtune.fisher.compute_mask_file` for one mask."""
+    """Arguments of :func:`privtune.childtuning.fisher.compute_mask_file` for one mask."""
     e = fisher_experiment(config, task, model, source)
     child = e.get("child", {})
     data_task = child["public_data"]["task"] if fisher_source(e) == "public" else task
     info = task_info(data_task)
     train = {**config.get("train_defaults", {}), **e.get("train", {})}
     return canonical({"kind": info["kind"], "num_labels": info["num_labels"], "p_d": p_d,
-                      "batch_size": child.get("fisher_batch_size", 16),
-                      "max_length": config["datasets"][data_task].get("max_length", 128), "seed": seed,
+                      "batch_size": child["fisher_batch_size"],
+                      "max_length": config["datasets"][data_task]["max_length"], "seed": seed,
                       "threads": config.get("threads"), "source": fisher_source(e),
-                      "fisher_epsilon": child.get("fisher_epsilon"), "fisher_clip": child.get("fisher_clip", 1.0),
-                      "delta": train.get("delta", "auto"),
-                      "secure_noise": bool(train.get("secure_rng") or train.get("secure_noise"))})
-
-
-MISMATCHED_TASKS = ("mnli",)
+                      "fisher_epsilon": child.get("fisher_epsilon"), "fisher_clip": child["fisher_clip"],
+                      "delta": train["delta"],
+                      "secure_noise": bool(train["secure_rng"] or train["secure_noise"])})
 
 
 def mismatched_split(ds: dict) -> str:
@@ -336,7 +334,7 @@ def mismatched_split(ds: dict) -> str:
 
 def extra_eval_files(task: str) -> list[str]:
     """Evaluation files beyond ``eval.jsonl``: MNLI's mismatched set (its accuracy is ``accuracy_mm``)."""
-    return [f"results/data/{task}/eval_mm.jsonl"] if task in MISMATCHED_TASKS else []
+    return [f"results/data/{task}/eval_mm.jsonl"] if tasks.task(task).mismatched else []
 
 
 def data_spec(config: dict, task: str, part: str) -> dict:
@@ -354,8 +352,8 @@ def data_spec(config: dict, task: str, part: str) -> dict:
         split, size = mismatched_split(ds), ds.get("eval_size")
     else:
         split, size = ds.get(f"{part}_split"), ds.get(f"{part}_size")
-    return canonical({"split": split, "size": size, "seed": ds.get("sample_seed", 0),
-                      "k_shot_seed": ds.get("k_shot_seed"), "verify_size": ds.get("verify_size", True)})
+    return canonical({"split": split, "size": size, "seed": ds["sample_seed"],
+                      "k_shot_seed": ds.get("k_shot_seed"), "verify_size": ds["verify_size"]})
 
 
 def paper_figures(runs: list[Run], paper: str) -> list[str]:
@@ -379,7 +377,7 @@ def paper_figures(runs: list[Run], paper: str) -> list[str]:
 
 def provenance_text(config: dict, paper: str) -> str:
     """A few lines for a report caption: the preset and, per experiment of ``paper``, what it ran."""
-    lines = [f"Preset **{config.get('preset', 'custom')}**; data from ``{config.get('data_dir')}``."]
+    lines = [f"Preset **{config['preset']}**; data from ``{config.get('data_dir')}``."]
     for e in config["experiments"]:
         if e["paper"] != paper:
             continue
@@ -390,7 +388,7 @@ def provenance_text(config: dict, paper: str) -> str:
         lines.append(f"Experiment ``{e['name']}``: task {e['task']}, models {', '.join(e['models'])}, methods "
                      f"{', '.join(e['methods'])}, ε {', '.join(map(str, e['epsilons']))}, seeds "
                      f"{', '.join(map(str, e['seeds']))}; {hp}"
-                     + (f"; objective {e['objective']}" if e.get("objective", "head") != "head" else "")
+                     + (f"; objective {e['objective']}" if e["objective"] != "head" else "")
                      + ("; zero-shot row" if e.get("zero_shot") else "")
                      + (f"; sweep {' × '.join(f'{k} {v}' for k, v in sweep.items())}" if sweep else "")
                      + (f"; child {canonical(e['child'])}" if set(e["methods"]) & {"ct_f", "ct_d"} else "") + ".")

@@ -1,153 +1,158 @@
-"""Task objectives: encoding, batching, per-example losses and predictions.
+"""The task registry: every fact about a task, in one place, torch-free.
 
-* classification / regression (GLUE): the standard sequence-classification
-  head; per-example cross-entropy (MSE for STS-B).
-* table2text (E2E, DART): a causal LM trained on ``source <sep> target <eos>``
-  with the loss on the target tokens only; per-example loss is the mean token
-  loss of that example's target. ``<sep>`` is the tokenizer's EOS token (as
-  GPT-2's ``<|endoftext|>`` in Li et al.'s "cat" format). A tokenizer with a chat
-  template (an instruct model such as SmolLM2-Instruct, whose EOS ``<|im_end|>``
-  closes a chat turn) gets its own format instead: the table is a user turn after a
-  one-line system instruction (:data:`TABLE2TEXT_INSTRUCTION`), the text is the
-  assistant's turn, closed by its end-of-turn token. A bare EOS separator would cue
-  the chat template's next turn, and the model would start its text with "assistant".
+The readers (:mod:`privtune.data.readers`), the metrics, the prompt templates
+(:mod:`privtune.objectives.templates`), the pipeline, the config schema's task names
+(tests/test_tasks.py checks them), the tables and the figures all read :data:`TASKS`.
 
-Per-example losses (shape (B,)) are what DP-SGD clips; the non-private loss is
-their mean.
+==========  ==============  =========================================  =======================
+task        kind            metrics (the first is the main one)        full-data splits
+==========  ==============  =========================================  =======================
+sst2        classification  accuracy                                   train, dev, test
+qnli        classification  accuracy                                   train, dev
+mnli        classification  accuracy (and accuracy_mm, mismatched)     train, dev, dev_mismatched
+qqp         classification  accuracy, f1                               train, dev
+cola        classification  mcc, accuracy                              train, dev
+rte         classification  accuracy                                   train, dev, test
+mrpc        classification  accuracy, f1                               train, dev, test
+stsb        regression      pearson, spearman                          train, dev, test
+e2e         table2text      bleu, nist, meteor, rouge_l, cider         train, dev, test
+dart        table2text      bleu, nist, meteor, rouge_l, cider         train, dev, test
+==========  ==============  =========================================  =======================
+
+DART is scored with the E2E script's metrics; Li et al. also report TER on DART, which is not
+computed here.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-import torch
-import torch.nn.functional as F
-
-IGNORE = -100
+KINDS = ("classification", "regression", "table2text")
 
 
-@dataclass
-class Encoded:
-    input_ids: list[int]
-    labels: object  # int / float label, or list[int] token labels
+@dataclass(frozen=True)
+class PromptSpec:
+    """An LM-BFF template and one label word per label id (in the registry's label order).
+
+    ``label_prefix`` is put before each label word when it is tokenized: a space
+    selects the word-initial BPE token (LM-BFF's convention).
+    """
+
+    template: str
+    label_words: tuple[str, ...]
+    label_prefix: str = " "
 
 
-def encode_classification(tokenizer, records: list[dict], max_length: int) -> list[Encoded]:
-    out = []
-    for r in records:
-        enc = tokenizer(r["text_a"], r.get("text_b"), truncation=True, max_length=max_length)
-        out.append(Encoded(enc["input_ids"], r["label"]))
-    return out
+@dataclass(frozen=True)
+class CausalSpec:
+    """A causal-LM template ending just before the label word, and one label word per label id."""
+
+    template: str
+    label_words: tuple[str, ...]
 
 
-TABLE2TEXT_INSTRUCTION = "Describe the table in a sentence."
+@dataclass(frozen=True)
+class Task:
+    name: str  # the config's name: sst2, ...
+    display: str  # the tables' name: SST-2, ...
+    kind: str  # classification | regression | table2text
+    metrics: tuple[str, ...]  # what evaluation computes; metrics[0] is the main metric (figures, claims)
+    files: dict[str, str]  # full-data split -> file under the data directory (the shared/data layout)
+    labels: tuple[str, ...] = ()  # label names in label-id order (classification)
+    glue_dir: str | None = None  # the GLUE / LM-BFF folder name (classification, regression)
+    mismatched: bool = False  # a second (mismatched) evaluation set, reported as accuracy_mm
+    mlm: PromptSpec | None = None  # masked-LM prompt (privtune.objectives.mlm)
+    causal: CausalSpec | None = None  # causal-LM prompt (privtune.objectives.causal)
+    descriptions: tuple[str, ...] | None = None  # sentence-encoder label descriptions (privtune.objectives.similarity)
+    k_shot_files: dict[str, str] = field(default_factory=lambda: dict(K_SHOT_FILES))  # LM-BFF 16-shot split -> file
+
+    @property
+    def main_metric(self) -> str:
+        return self.metrics[0]
+
+    @property
+    def num_labels(self) -> int:
+        """Classes of a classifier; 1 for regression (one output); 0 for table-to-text."""
+        return len(self.labels) if self.kind == "classification" else int(self.kind == "regression")
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return tuple(self.files)
 
 
-def lm_prompt(tokenizer, source: str) -> list[int]:
-    """The prompt of a table: ``source <eos>`` (Li et al.), or the chat format of an instruct model."""
-    if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "system", "content": TABLE2TEXT_INSTRUCTION}, {"role": "user", "content": source}]
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-    return tokenizer(source, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+K_SHOT_FILES = {"train": "train.tsv", "dev": "dev.tsv", "test": "test.tsv"}
+GENERATION = ("bleu", "nist", "meteor", "rouge_l", "cider")
+
+_NLI = "*cls**sent-_0*?*mask*,*+sentl_1**sep+*"
+_PARAPHRASE = "*cls**sent_0**mask*,*+sentl_1**sep+*"
+_CAUSAL_NLI = "Premise: {a}\nHypothesis: {b}\nEntailment:"
 
 
-def encode_table2text(tokenizer, records: list[dict], max_length: int) -> list[Encoded]:
-    """One training example per (source, reference) pair."""
-    out = []
-    for r in records:
-        prompt = lm_prompt(tokenizer, r["source"])
-        for ref in r["references"]:
-            lead = "" if getattr(tokenizer, "chat_template", None) else " "  # a chat turn starts a new line
-            target = tokenizer(lead + ref, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-            src = prompt
-            if len(src) + len(target) > max_length:  # cut the table, keep its separator and the target
-                target = target[: max(1, max_length // 2)] if len(target) > max_length // 2 else target
-                src = prompt[: max(0, max_length - len(target) - 1)] + prompt[-1:]
-            out.append(Encoded(src + target, [IGNORE] * len(src) + target))
-    return out
+def _glue(name: str, display: str, splits: tuple[str, ...], **kw) -> Task:
+    files = {s: f"glue/{display}/{s}.tsv" for s in splits}
+    return Task(name, display, kw.pop("kind", "classification"), kw.pop("metrics", ("accuracy",)),
+                {**files, **kw.pop("files", {})}, glue_dir=display, **kw)
 
 
-def training_size(records: list[dict], kind: str) -> int:
-    """Training examples (the n of DP accounting) that :func:`encode` makes of ``records``."""
-    return sum(len(r["references"]) for r in records) if kind == "table2text" else len(records)
+TASKS: dict[str, Task] = {t.name: t for t in [
+    _glue("sst2", "SST-2", ("train", "dev", "test"), labels=("negative", "positive"),
+          mlm=PromptSpec("*cls**sent_0*_It_was*mask*.*sep+*", ("terrible", "great")),
+          causal=CausalSpec("Review: {a}\nSentiment:", (" negative", " positive")),
+          descriptions=("It was terrible.", "It was great.")),
+    _glue("qnli", "QNLI", ("train", "dev"), labels=("entailment", "not_entailment"),
+          mlm=PromptSpec(_NLI, ("Yes", "No")),
+          causal=CausalSpec("Question: {a}\nSentence: {b}\nAnswered:", (" yes", " no"))),
+    _glue("mnli", "MNLI", ("train",), labels=("entailment", "neutral", "contradiction"), mismatched=True,
+          files={"dev": "glue/MNLI/dev_matched.tsv", "dev_mismatched": "glue/MNLI/dev_mismatched.tsv"},
+          k_shot_files={"train": "train.tsv", "dev": "dev_matched.tsv", "test": "test_matched.tsv",
+                        "test_mismatched": "test_mismatched.tsv"},
+          mlm=PromptSpec(_NLI, ("Yes", "Maybe", "No")), causal=CausalSpec(_CAUSAL_NLI, (" yes", " maybe", " no"))),
+    _glue("qqp", "QQP", ("train", "dev"), labels=("not_duplicate", "duplicate"), metrics=("accuracy", "f1"),
+          mlm=PromptSpec(_PARAPHRASE, ("No", "Yes")),
+          causal=CausalSpec("Question 1: {a}\nQuestion 2: {b}\nSame question:", (" no", " yes"))),
+    _glue("cola", "CoLA", (), labels=("unacceptable", "acceptable"), metrics=("mcc", "accuracy"),
+          files={"train": "glue/CoLA/raw/in_domain_train.tsv", "dev": "glue/CoLA/raw/in_domain_dev.tsv"},
+          mlm=PromptSpec("*cls**sent_0*_This_is*mask*.*sep+*", ("incorrect", "correct")),
+          causal=CausalSpec("Sentence: {a}\nGrammatical:", (" no", " yes")),
+          descriptions=("This sentence is ungrammatical.", "This sentence is grammatical.")),
+    _glue("rte", "RTE", ("train", "dev", "test"), labels=("entailment", "not_entailment"),
+          mlm=PromptSpec(_NLI, ("Yes", "No")), causal=CausalSpec(_CAUSAL_NLI, (" yes", " no"))),
+    _glue("mrpc", "MRPC", ("train", "dev"), labels=("not_equivalent", "equivalent"), metrics=("accuracy", "f1"),
+          files={"test": "glue/MRPC/raw/msr_paraphrase_test.txt"},
+          mlm=PromptSpec(_PARAPHRASE, ("No", "Yes")),
+          causal=CausalSpec("Sentence 1: {a}\nSentence 2: {b}\nSame meaning:", (" no", " yes"))),
+    _glue("stsb", "STS-B", ("train", "dev", "test"), kind="regression", metrics=("pearson", "spearman")),
+    Task("e2e", "E2E", "table2text", GENERATION,
+         {"train": "e2e/trainset.csv", "dev": "e2e/devset.csv", "test": "e2e/testset_w_refs.csv"}, k_shot_files={}),
+    Task("dart", "DART", "table2text", GENERATION,
+         {"train": "dart/dart-v1.1.1-full-train.json", "dev": "dart/dart-v1.1.1-full-dev.json",
+          "test": "dart/dart-v1.1.1-full-test.xml"}, k_shot_files={}),
+]}
+
+_ALIASES = {"mnlim": "mnli", "mnlimm": "mnli", "mnlimatched": "mnli", "mnlimismatched": "mnli"}
 
 
-def encode(tokenizer, records: list[dict], kind: str, max_length: int) -> list[Encoded]:
-    """Training examples of a task of ``kind`` (table2text: one per reference)."""
-    fn = encode_table2text if kind == "table2text" else encode_classification
-    return fn(tokenizer, records, max_length)
+def canonical(name: str, strict: bool = True) -> str:
+    """The registry's name of ``name`` ("SST-2", "sst_2" and "sst2" are all ``sst2``); an unknown name is an
+    error, or with ``strict=False`` comes back normalised (for lookups that have their own message)."""
+    key = str(name).strip().lower().replace("-", "").replace("_", "")
+    key = _ALIASES.get(key, key)
+    if strict and key not in TASKS:
+        raise ValueError(f"unknown task {name!r}; known tasks: {sorted(TASKS)}")
+    return key
 
 
-def pad_right(examples: list[Encoded], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``input_ids`` and ``attention_mask`` (B, T) of ``examples``, right-padded with ``pad_id``."""
-    T = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(examples), T), dtype=torch.long)
-    for i, e in enumerate(examples):
-        ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
-        mask[i, : len(e.input_ids)] = 1
-    return ids, mask
+def task(name: str) -> Task:
+    """The registry entry of ``name`` (any spelling :func:`canonical` accepts)."""
+    return TASKS[canonical(name)]
 
 
-def collate(examples: list[Encoded], pad_id: int, kind: str, device) -> dict:
-    ids, mask = pad_right(examples, pad_id)
-    T = ids.shape[1]
-    batch = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
-    if kind == "table2text":
-        lab = torch.full((len(examples), T), IGNORE, dtype=torch.long)
-        for i, e in enumerate(examples):
-            lab[i, : len(e.labels)] = torch.tensor(e.labels)
-        batch["labels"] = lab.to(device)
-    elif kind == "regression":
-        batch["labels"] = torch.tensor([float(e.labels) for e in examples], device=device)
-    else:
-        batch["labels"] = torch.tensor([int(e.labels) for e in examples], device=device)
-    return batch
+def names(kind: str | None = None) -> tuple[str, ...]:
+    """The tasks of ``kind`` (all tasks when None), in registry order."""
+    return tuple(t.name for t in TASKS.values() if kind is None or t.kind == kind)
 
 
-def per_example_loss(model, batch: dict, kind: str) -> torch.Tensor:
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    logits = out.logits
-    if kind == "table2text":
-        logits, labels = logits[:, :-1].float(), batch["labels"][:, 1:]
-        tok = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")
-        counts = (labels != IGNORE).sum(1).clamp_min(1)
-        return tok.sum(1) / counts
-    if kind == "regression":
-        return (logits.squeeze(-1).float() - batch["labels"].float()).pow(2)
-    return F.cross_entropy(logits.float(), batch["labels"], reduction="none")
-
-
-@torch.no_grad()
-def predict_labels(model, encoded: list[Encoded], pad_id: int, kind: str, device, batch_size: int = 64) -> list:
-    model.eval()
-    preds: list = []
-    for i in range(0, len(encoded), batch_size):
-        batch = collate(encoded[i: i + batch_size], pad_id, kind, device)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        preds.extend(logits.squeeze(-1).tolist() if kind == "regression" else logits.argmax(-1).tolist())
-    return preds
-
-
-@torch.no_grad()
-def generate(model, tokenizer, sources: list[str], device, batch_size: int = 16, max_new_tokens: int = 60,
-             num_beams: int = 1, length_penalty: float = 1.0) -> list[str]:
-    """Batched decoding (greedy, or beam search with ``num_beams`` > 1), left-padded prompts."""
-    model.eval()
-    outs: list[str] = []
-    pad = tokenizer.pad_token_id
-    for i in range(0, len(sources), batch_size):
-        prompts = [lm_prompt(tokenizer, s) for s in sources[i: i + batch_size]]
-        T = max(map(len, prompts))
-        ids = torch.full((len(prompts), T), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for j, p in enumerate(prompts):
-            ids[j, T - len(p):] = torch.tensor(p)
-            mask[j, T - len(p):] = 1
-        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                             max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
-                             length_penalty=length_penalty, eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=pad)
-        for row in gen[:, T:]:
-            outs.append(tokenizer.decode(row, skip_special_tokens=True).strip())
-    return outs
+def task_info(name: str) -> dict:
+    """Kind, number of labels (1 for stsb, 0 for table2text), metrics and label names of a task."""
+    t = task(name)
+    return {"kind": t.kind, "num_labels": t.num_labels, "metrics": list(t.metrics),
+            "label_names": list(t.labels) if t.kind == "classification" else None}

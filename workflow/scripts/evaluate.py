@@ -3,7 +3,7 @@ from pathlib import Path
 from privtune.io import log_to
 
 log_to(snakemake)  # noqa: F821
-from privtune.gpus import claim  # noqa: E402
+from privtune.training.gpus import claim  # noqa: E402
 
 claim(snakemake.resources.get("gpu", 0))  # noqa: F821  (lock this job's GPUs before CUDA starts)
 from privtune.evaluate import evaluate  # noqa: E402

@@ -1,7 +1,7 @@
 from privtune.io import log_to
 
 log_to(snakemake)  # noqa: F821
-from privtune.prep import prepare  # noqa: E402
+from privtune.data.prep import prepare  # noqa: E402
 
 s = snakemake.params.spec  # noqa: F821
 n = prepare(snakemake.wildcards.task, s["split"], snakemake.params.data_dir, snakemake.output[0],  # noqa: F821

@@ -56,6 +56,8 @@ from pathlib import Path
 from typing import Any
 
 from privtune.data.download import DataFileError, data_file_error, ensure_file
+from privtune.tasks import canonical, names, task_info  # noqa: F401 (task_info re-exported)
+from privtune.tasks import task as _task
 
 __all__ = [
     "CLASSIFICATION_TASKS",
@@ -83,86 +85,13 @@ class MalformedDataError(ValueError):
         super().__init__(f"{where}: {problem}")
 
 
-CLASSIFICATION_TASKS = frozenset({"sst2", "qnli", "mnli", "qqp", "cola", "rte", "mrpc", "stsb"})
-TABLE2TEXT_TASKS = frozenset({"e2e", "dart"})
+# task names by reader: GLUE tsv (classification and regression) or table-to-text (privtune.tasks has the rest)
+CLASSIFICATION_TASKS = frozenset(names("classification") + names("regression"))
+TABLE2TEXT_TASKS = frozenset(names("table2text"))
 K_SHOT = 16  # examples per class in the LM-BFF splits
-
-_LABEL_NAMES: dict[str, tuple[str, ...]] = {
-    "sst2": ("negative", "positive"),
-    "cola": ("unacceptable", "acceptable"),
-    "rte": ("entailment", "not_entailment"),
-    "qnli": ("entailment", "not_entailment"),
-    "mnli": ("entailment", "neutral", "contradiction"),
-    "mrpc": ("not_equivalent", "equivalent"),
-    "qqp": ("not_duplicate", "duplicate"),
-}
-_METRICS: dict[str, list[str]] = {
-    "sst2": ["accuracy"],
-    "qnli": ["accuracy"],
-    "mnli": ["accuracy"],
-    "rte": ["accuracy"],
-    "qqp": ["accuracy", "f1"],
-    "mrpc": ["accuracy", "f1"],
-    "cola": ["matthews_correlation"],
-    "stsb": ["pearson", "spearman"],
-    "e2e": ["bleu", "nist", "meteor", "rouge_l", "cider"],
-    "dart": ["bleu", "meteor", "ter"],
-}
-
-
-def _normalise_task(task: str) -> str:
-    name = task.lower().replace("-", "")
-    if name not in CLASSIFICATION_TASKS | TABLE2TEXT_TASKS:
-        known = sorted(CLASSIFICATION_TASKS | TABLE2TEXT_TASKS)
-        raise ValueError(f"unknown task {task!r}; known tasks: {known}")
-    return name
-
-
-def task_info(task: str) -> dict[str, Any]:
-    """Kind, number of labels (1 for stsb, 0 for table2text), metrics and label names of ``task``."""
-    task = _normalise_task(task)
-    if task in TABLE2TEXT_TASKS:
-        kind, num_labels, names = "table2text", 0, None
-    elif task == "stsb":
-        kind, num_labels, names = "regression", 1, None
-    else:
-        kind, num_labels, names = "classification", len(_LABEL_NAMES[task]), list(_LABEL_NAMES[task])
-    return {"kind": kind, "num_labels": num_labels, "metrics": list(_METRICS[task]), "label_names": names}
 
 
 # --------------------------------------------------------------------------- file tables
-
-_GLUE_DIRS = {
-    "sst2": "SST-2", "cola": "CoLA", "rte": "RTE", "stsb": "STS-B",
-    "mrpc": "MRPC", "qnli": "QNLI", "mnli": "MNLI", "qqp": "QQP",
-}
-_FULL_FILES: dict[str, dict[str, str]] = {
-    "sst2": {"train": "glue/SST-2/train.tsv", "dev": "glue/SST-2/dev.tsv", "test": "glue/SST-2/test.tsv"},
-    "cola": {"train": "glue/CoLA/raw/in_domain_train.tsv", "dev": "glue/CoLA/raw/in_domain_dev.tsv"},
-    "rte": {"train": "glue/RTE/train.tsv", "dev": "glue/RTE/dev.tsv", "test": "glue/RTE/test.tsv"},
-    "stsb": {"train": "glue/STS-B/train.tsv", "dev": "glue/STS-B/dev.tsv", "test": "glue/STS-B/test.tsv"},
-    "mrpc": {
-        "train": "glue/MRPC/train.tsv",
-        "dev": "glue/MRPC/dev.tsv",
-        "test": "glue/MRPC/raw/msr_paraphrase_test.txt",
-    },
-    "qnli": {"train": "glue/QNLI/train.tsv", "dev": "glue/QNLI/dev.tsv"},
-    "mnli": {
-        "train": "glue/MNLI/train.tsv",
-        "dev": "glue/MNLI/dev_matched.tsv",
-        "dev_mismatched": "glue/MNLI/dev_mismatched.tsv",
-    },
-    "qqp": {"train": "glue/QQP/train.tsv", "dev": "glue/QQP/dev.tsv"},
-}
-_K_SHOT_FILES: dict[str, dict[str, str]] = {
-    "mnli": {
-        "train": "train.tsv",
-        "dev": "dev_matched.tsv",
-        "test": "test_matched.tsv",
-        "test_mismatched": "test_mismatched.tsv",
-    },
-}
-_K_SHOT_DEFAULT_FILES = {"train": "train.tsv", "dev": "dev.tsv", "test": "test.tsv"}
 
 # Records (reader units: rows, E2E meaning representations, DART entries) of each official
 # file: counted here on the offline mirror, or (QNLI/MNLI/QQP train and dev) GLUE's published
@@ -180,14 +109,6 @@ OFFICIAL_RECORDS: dict[str, int] = {
     "dart/dart-v1.1.1-full-dev.json": 2_768, "dart/dart-v1.1.1-full-test.xml": 5_097,
 }
 
-_E2E_FILES = {"train": "e2e/trainset.csv", "dev": "e2e/devset.csv", "test": "e2e/testset_w_refs.csv"}
-_DART_FILES = {
-    "train": "dart/dart-v1.1.1-full-train.json",
-    "dev": "dart/dart-v1.1.1-full-dev.json",
-    "test": "dart/dart-v1.1.1-full-test.xml",
-}
-
-
 def _pick(files: dict[str, str], task: str, split: str, mode: str) -> str:
     if split not in files:
         raise ValueError(f"task {task!r} has no split {split!r} ({mode}); valid splits: {sorted(files)}")
@@ -196,9 +117,9 @@ def _pick(files: dict[str, str], task: str, split: str, mode: str) -> str:
 
 def _classification_relpath(task: str, split: str, k_shot_seed: int | None) -> str:
     if k_shot_seed is None:
-        return _pick(_FULL_FILES[task], task, split, "full data")
-    name = _pick(_K_SHOT_FILES.get(task, _K_SHOT_DEFAULT_FILES), task, split, f"{K_SHOT}-shot")
-    return f"lmbff_k_shot/{_GLUE_DIRS[task]}/{K_SHOT}-{int(k_shot_seed)}/{name}"
+        return _pick(_task(task).files, task, split, "full data")
+    name = _pick(_task(task).k_shot_files, task, split, f"{K_SHOT}-shot")
+    return f"lmbff_k_shot/{_task(task).glue_dir}/{K_SHOT}-{int(k_shot_seed)}/{name}"
 
 
 # --------------------------------------------------------------------------- entry point
@@ -215,13 +136,13 @@ def read_split(
     With ``verify_size``, an official file whose record count differs from
     :data:`OFFICIAL_RECORDS` (truncated, or another version) is an error.
     """
-    task = _normalise_task(task)
+    task = canonical(task)
     data_dir = Path(data_dir)
     if task in TABLE2TEXT_TASKS:
         if k_shot_seed is not None:
             raise ValueError(f"k_shot_seed is only defined for classification tasks, not {task!r}")
-        files, parse = (_E2E_FILES, _read_e2e_csv) if task == "e2e" else (_DART_FILES, _read_dart)
-        return _load(_pick(files, task, split, "full data"), data_dir, parse, task if verify_size else None)
+        parse = _read_e2e_csv if task == "e2e" else _read_dart
+        return _load(_pick(_task(task).files, task, split, "full data"), data_dir, parse, task if verify_size else None)
     relpath = _classification_relpath(task, split, k_shot_seed)
     return _load(relpath, data_dir, lambda path: _read_glue_tsv(path, task, unlabelled_ok=split.startswith("test")),
                  task if verify_size else None)
@@ -294,7 +215,7 @@ def _parse_score(raw: str) -> float:
 
 
 def _label_parser(task: str) -> Callable[[str], int | float]:
-    return _parse_score if task == "stsb" else _named_label_parser(_LABEL_NAMES[task])
+    return _parse_score if task == "stsb" else _named_label_parser(_task(task).labels)
 
 
 def _tsv_quoting(path: Path) -> int:

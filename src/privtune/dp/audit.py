@@ -27,8 +27,8 @@ import math
 import sys
 from pathlib import Path
 
-from ..io import file_sha256, read_json, read_jsonl, write_json
-from . import accounting
+from privtune.io import file_sha256, read_json, read_jsonl, write_json
+from privtune.dp import accounting
 
 RTOL = 1e-9
 
@@ -81,7 +81,7 @@ def audit_report(report: dict) -> dict:
 def _file_facts(name: str, kind: str, _stat: tuple) -> tuple[str, int]:
     """(SHA-256, training examples) of a training file, read once however many runs name it;
     ``_stat`` (size, mtime) makes a file changed since the last read be read again."""
-    from ..tasks import training_size
+    from privtune.objectives.head import training_size
 
     return file_sha256(Path(name)), training_size(read_jsonl(Path(name)), kind)
 

@@ -36,8 +36,8 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from .contributions import Contribution, squared_norms
-from .layers import Handler, UnsupportedLayerError, find_handler, needs_probe, probe_affine_norm
+from privtune.dp.contributions import Contribution, squared_norms
+from privtune.dp.layers import Handler, UnsupportedLayerError, find_handler, needs_probe, probe_affine_norm
 
 _HANDLED_NAMES = {"weight", "bias"}
 

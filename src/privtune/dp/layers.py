@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .contributions import Contribution, Direct, OuterSum
+from privtune.dp.contributions import Contribution, Direct, OuterSum
 
 Handler = Callable[[nn.Module, Tensor, Tensor], dict[str, Contribution]]
 

@@ -8,7 +8,7 @@ prompt    Li et al.'s pre-training-aligned formulation for classification, in th
           folder's ``config.json``):
 
           * ``mlm`` (BERT, RoBERTa with their masked-LM head): an LM-BFF template with a mask
-            token, label words scored at the mask (:mod:`privtune.prompting`);
+            token, label words scored at the mask (:mod:`privtune.objectives.mlm`);
           * ``causal`` (GPT-2, Llama, SmolLM2): a template ending just before the label word,
             label words scored as the next token (:mod:`privtune.objectives.causal`);
           * ``similarity`` (a sentence encoder with no LM head, all-MiniLM): cosine similarity
@@ -21,7 +21,7 @@ both use the same encoding, batching, loss and prediction.
 """
 from __future__ import annotations
 
-from .templates import FAMILIES, OBJECTIVES  # torch-free: the workflow checks configs with them
+from privtune.objectives.templates import FAMILIES, OBJECTIVES  # torch-free: the workflow checks configs with them
 
 _CORE = ("Objective", "objective", "prompt_family")
 
@@ -30,7 +30,7 @@ def __getattr__(name: str):
     """The objectives themselves (and torch) are imported on first use, so that importing the
     templates to check a config does not import torch."""
     if name in _CORE:
-        from . import core
+        from privtune.objectives import core
 
         return getattr(core, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -37,9 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..tasks import Encoded, pad_right
-from .templates import CAUSAL_TEMPLATES as TEMPLATES  # noqa: F401 (the causal templates, re-exported)
-from .templates import CausalSpec, spec_for  # noqa: F401
+from privtune.objectives.head import Encoded, pad_right
+from privtune.objectives.templates import CAUSAL_TEMPLATES as TEMPLATES  # noqa: F401 (the causal templates, re-exported)
+from privtune.objectives.templates import CausalSpec, spec_for  # noqa: F401
 
 @dataclass
 class CausalEncoded(Encoded):
@@ -105,7 +105,7 @@ def collate(examples: list[CausalEncoded], pad_id: int, device) -> dict:
 def load(model_dir: Path, dtype=torch.float32) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
-    from ..models import load_tokenizer
+    from privtune.models.load import load_tokenizer
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     if model.config.pad_token_id is None:

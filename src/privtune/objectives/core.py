@@ -7,10 +7,12 @@ from pathlib import Path
 
 import torch
 
-from .. import prompting, tasks
-from ..models import load_for_task
-from . import causal, similarity, templates
-from .templates import FAMILIES, OBJECTIVES  # noqa: F401
+from privtune.objectives import mlm as prompting
+
+from privtune.objectives import head as tasks
+from privtune.models.load import load_for_task
+from privtune.objectives import causal, similarity, templates
+from privtune.objectives.templates import FAMILIES, OBJECTIVES  # noqa: F401
 
 
 def prompt_family(model_dir: Path) -> str:
@@ -18,7 +20,7 @@ def prompt_family(model_dir: Path) -> str:
     ``mlm`` for a masked LM, ``causal`` for a causal LM, ``similarity`` for a bare encoder."""
     path = Path(model_dir) / "config.json"
     if not path.exists():
-        from ..models import ModelPrepError
+        from privtune.models.load import ModelPrepError
 
         raise ModelPrepError(f"{model_dir} is not a prepared model folder (no config.json); run prepare_model")
     archs = json.loads(path.read_text()).get("architectures") or []

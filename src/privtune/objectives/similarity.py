@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..tasks import Encoded, pad_right
-from .templates import DESCRIPTIONS, TEMPERATURE, descriptions_for  # noqa: F401 (re-exported)
+from privtune.objectives.head import Encoded, pad_right
+from privtune.objectives.templates import DESCRIPTIONS, TEMPERATURE, descriptions_for  # noqa: F401 (re-exported)
 
 @dataclass
 class SimilarityEncoded(Encoded):

@@ -1,13 +1,13 @@
 """The prompt objectives' templates, label words and label descriptions, per task, and the checks
 on them: plain data, torch-free, so a config is checked before any job (``privtune.pipeline``).
 
-* masked LM: LM-BFF templates with a mask token, one label word per label (:mod:`privtune.prompting`);
+* masked LM: LM-BFF templates with a mask token, one label word per label (:mod:`privtune.objectives.mlm`);
 * causal LM: a template ending just before the label word (:mod:`privtune.objectives.causal`);
 * sentence encoder: a description of each label (:mod:`privtune.objectives.similarity`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from privtune.tasks import TASKS, CausalSpec, PromptSpec, canonical  # noqa: F401 (re-exported)
 
 OBJECTIVES = ("head", "prompt")
 FAMILIES = ("mlm", "causal", "similarity")
@@ -17,45 +17,21 @@ class PromptObjectiveError(ValueError):
     """The prompt objective cannot be used for this task or model (use ``objective: head``)."""
 
 
-@dataclass(frozen=True)
-class PromptSpec:
-    """An LM-BFF template and one label word per label id (in the readers' label order).
-
-    ``label_prefix`` is put before each label word when it is tokenized: a space
-    selects the word-initial BPE token (LM-BFF's convention).
-    """
-
-    template: str
-    label_words: tuple[str, ...]
-    label_prefix: str = " "
-
-
-_NLI = "*cls**sent-_0*?*mask*,*+sentl_1**sep+*"
-_PARAPHRASE = "*cls**sent_0**mask*,*+sentl_1**sep+*"
-TEMPLATES: dict[str, PromptSpec] = {
-    "sst2": PromptSpec("*cls**sent_0*_It_was*mask*.*sep+*", ("terrible", "great")),
-    "cola": PromptSpec("*cls**sent_0*_This_is*mask*.*sep+*", ("incorrect", "correct")),
-    "mnli": PromptSpec(_NLI, ("Yes", "Maybe", "No")),
-    "qnli": PromptSpec(_NLI, ("Yes", "No")),
-    "rte": PromptSpec(_NLI, ("Yes", "No")),
-    "mrpc": PromptSpec(_PARAPHRASE, ("No", "Yes")),
-    "qqp": PromptSpec(_PARAPHRASE, ("No", "Yes")),
-}
+# the templates, label words and descriptions themselves are task facts (privtune.tasks)
+TEMPLATES: dict[str, PromptSpec] = {t.name: t.mlm for t in TASKS.values() if t.mlm is not None}
+CAUSAL_TEMPLATES: dict[str, CausalSpec] = {t.name: t.causal for t in TASKS.values() if t.causal is not None}
+DESCRIPTIONS: dict[str, tuple[str, ...]] = {t.name: t.descriptions for t in TASKS.values() if t.descriptions}
 
 
 # -- masked-LM templates per task ----------------------------------------------
-def _task_name(task: str) -> str:
-    return task.lower().replace("-", "")
-
-
 def supports_prompt(task: str) -> bool:
     """Whether ``task`` has a prompt template (the GLUE classification tasks)."""
-    return _task_name(task) in TEMPLATES
+    return canonical(task, strict=False) in TEMPLATES
 
 
 def prompt_spec(task: str) -> PromptSpec:
     """The template of ``task``; :class:`PromptObjectiveError` for tasks without one."""
-    name = _task_name(task)
+    name = canonical(task, strict=False)
     if name in TEMPLATES:
         return TEMPLATES[name]
     if name == "stsb":
@@ -66,28 +42,8 @@ def prompt_spec(task: str) -> PromptSpec:
     raise PromptObjectiveError(f"task {task!r} has no prompt template; templates exist for {sorted(TEMPLATES)}")
 
 
-_CAUSAL_NLI = "Premise: {a}\nHypothesis: {b}\nEntailment:"
-
-
-@dataclass(frozen=True)
-class CausalSpec:
-    template: str
-    label_words: tuple[str, ...]
-
-
-CAUSAL_TEMPLATES: dict[str, CausalSpec] = {
-    "sst2": CausalSpec("Review: {a}\nSentiment:", (" negative", " positive")),
-    "cola": CausalSpec("Sentence: {a}\nGrammatical:", (" no", " yes")),
-    "mnli": CausalSpec(_CAUSAL_NLI, (" yes", " maybe", " no")),
-    "qnli": CausalSpec("Question: {a}\nSentence: {b}\nAnswered:", (" yes", " no")),
-    "rte": CausalSpec(_CAUSAL_NLI, (" yes", " no")),
-    "mrpc": CausalSpec("Sentence 1: {a}\nSentence 2: {b}\nSame meaning:", (" no", " yes")),
-    "qqp": CausalSpec("Question 1: {a}\nQuestion 2: {b}\nSame question:", (" no", " yes")),
-}
-
-
 def spec_for(task: str, overrides: dict) -> CausalSpec:
-    base = CAUSAL_TEMPLATES.get(task)
+    base = CAUSAL_TEMPLATES.get(canonical(task, strict=False))
     if base is None and "template" not in overrides:
         raise PromptObjectiveError(f"task {task!r} has no causal-LM template (templates exist for "
                                    f"{sorted(CAUSAL_TEMPLATES)}); give prompt.template and prompt.label_words, or use "
@@ -101,10 +57,6 @@ def spec_for(task: str, overrides: dict) -> CausalSpec:
     return CausalSpec(overrides.get("template", base.template if base else None), tuple(words))
 
 
-DESCRIPTIONS: dict[str, tuple[str, ...]] = {
-    "sst2": ("It was terrible.", "It was great."),
-    "cola": ("This sentence is ungrammatical.", "This sentence is grammatical."),
-}
 TEMPERATURE = 0.05
 
 
@@ -112,12 +64,12 @@ def descriptions_for(task: str, overrides: dict) -> tuple[str, ...]:
     given = overrides.get("descriptions")
     if given is not None:
         return tuple(given)
-    if task not in DESCRIPTIONS:
+    if canonical(task, strict=False) not in DESCRIPTIONS:
         raise PromptObjectiveError(
             f"task {task!r} has no label descriptions for a sentence encoder (they exist for "
             f"{sorted(DESCRIPTIONS)}); pair tasks are not a similarity to a fixed text. Give "
             "prompt.descriptions, use a model with an LM head, or objective: head")
-    return DESCRIPTIONS[task]
+    return DESCRIPTIONS[canonical(task, strict=False)]
 
 
 def mlm_spec(task: str, prompt: dict) -> PromptSpec:
@@ -149,5 +101,5 @@ def check(kind: str, task: str | None, name: str, num_labels: int, prompt: dict,
         spec_for(task, prompt)
     elif family == "similarity":
         descriptions_for(task, prompt)
-    elif not (supports_prompt(task) or task in CAUSAL_TEMPLATES or "template" in prompt):
+    elif not (supports_prompt(task) or canonical(task, strict=False) in CAUSAL_TEMPLATES or "template" in prompt):
         mlm_spec(task, prompt)

@@ -8,7 +8,7 @@ each comes from :data:`CLAIMS`' rule applied to the long results tables
 "Does not hold" is a result: the report gives the numbers and the noise regime behind them.
 
 Numbers are the mean over seeds of each task's headline metric
-(:data:`privtune.report.figures.MAIN_METRIC`), in the tables' scales (accuracy and MCC in
+(the task registry's main metric, :mod:`privtune.tasks`), in the tables' scales (accuracy and MCC in
 percent, BLEU on 0-100).
 """
 from __future__ import annotations
@@ -20,8 +20,8 @@ from typing import Callable
 
 import pandas as pd
 
-from ..io import read_json, write_atomic
-from .figures import MAIN_METRIC
+from privtune.io import read_json, write_atomic
+from privtune.tasks import TASKS
 
 HOLDS, FAILS, UNTESTABLE = "holds", "does not hold", "not testable"
 
@@ -57,7 +57,7 @@ def headline(df: pd.DataFrame) -> pd.DataFrame:
     """Rows of each task's headline metric, with an ``objective`` column even for old tables."""
     if df.empty:
         return df
-    df = df[df.apply(lambda r: MAIN_METRIC.get(r.task) == r.metric, axis=1)].copy()
+    df = df[df.apply(lambda r: r.task in TASKS and TASKS[r.task].main_metric == r.metric, axis=1)].copy()
     for col, default in (("objective", "head"), ("variant", ""), ("clip_norm", math.nan), ("paper", "")):
         if col not in df:
             df[col] = default

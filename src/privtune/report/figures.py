@@ -25,11 +25,11 @@ import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from ..io import read_json, save_figure  # noqa: E402
-from .tables import main_runs  # noqa: E402
+from privtune.io import read_json, save_figure  # noqa: E402
+from privtune.report.tables import main_runs  # noqa: E402
+from privtune.tasks import TASKS  # noqa: E402
 
-MAIN_METRIC = {"sst2": "accuracy", "qnli": "accuracy", "mnli": "accuracy", "qqp": "accuracy", "rte": "accuracy",
-               "mrpc": "accuracy", "cola": "mcc", "stsb": "pearson", "e2e": "bleu", "dart": "bleu"}
+MAIN_METRIC = {t.name: t.main_metric for t in TASKS.values()}  # the task registry's (privtune.tasks)
 
 
 def save_png_svg(fig, out_png) -> None:
@@ -191,7 +191,7 @@ def child_tuning_bars(inputs, out_png) -> None:
 def epsilon_curve(report: dict, points: int = 25) -> tuple[list[int], list[float]]:
     """ε spent after k steps, k = 0 … steps, from a run's privacy.json (its prior events, e.g. a DP
     Fisher, count from step 0), with the accountant the run was calibrated with."""
-    from ..dp import accounting
+    from privtune.dp import accounting
 
     steps, q, sigma, delta = report["steps"], report["sample_rate"], report["noise_multiplier"], report["delta"]
     prior = [accounting.GaussianEvent(**e) for e in report.get("events", []) if e.get("label") != "training"]

@@ -9,7 +9,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 import yaml
 
-from ..io import write_atomic
+from privtune.io import write_atomic
 
 PACKAGES = ("privtune", "torch", "transformers", "tokenizers", "peft", "opacus", "dp-accounting", "sacrebleu",
             "rouge-score", "pycocoevalcap", "nltk", "numpy", "scipy", "pandas", "matplotlib", "snakemake",

@@ -13,7 +13,8 @@ from importlib.resources import files
 
 import pandas as pd
 
-from ..io import read_json, write_atomic
+from privtune.io import read_json, write_atomic
+from privtune.tasks import TASKS
 
 PERCENT = {"accuracy", "accuracy_mm", "f1", "mcc", "pearson", "spearman"}
 COLUMNS = ["task", "model", "method", "objective", "variant", "batch_size", "lr", "clip_norm", "eps", "seed",
@@ -24,8 +25,7 @@ COLUMNS = ["task", "model", "method", "objective", "variant", "batch_size", "lr"
 METHOD_ORDER = ["zeroshot", "full", "lora", "rgp", "prefix", "top2", "retrain", "vanilla", "ct_f", "ct_d"]
 METRIC_ORDER = ["accuracy", "accuracy_mm", "f1", "mcc", "pearson", "spearman",
                 "bleu", "nist", "meteor", "rouge_l", "cider"]
-TASK_NAMES = {"sst2": "SST-2", "qnli": "QNLI", "mnli": "MNLI", "qqp": "QQP", "cola": "CoLA", "rte": "RTE",
-              "mrpc": "MRPC", "stsb": "STS-B", "e2e": "E2E", "dart": "DART"}
+TASK_NAMES = {t.name: t.display for t in TASKS.values()}  # the task registry's (privtune.tasks)
 METRIC_NAMES = {"accuracy": "acc", "accuracy_mm": "acc-mm", "f1": "F1", "mcc": "MCC", "pearson": "Pearson",
                 "spearman": "Spearman", "bleu": "BLEU", "nist": "NIST", "meteor": "METEOR", "rouge_l": "ROUGE-L",
                 "cider": "CIDEr"}

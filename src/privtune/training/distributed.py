@@ -1,6 +1,6 @@
 """Data-parallel training over several processes: one per GPU (NCCL), or gloo on the CPU.
 
-With ``train.world_size = W > 1``, :func:`privtune.train.run` starts W processes
+With ``train.world_size = W > 1``, :func:`privtune.training.loop.run` starts W processes
 (:func:`launch`) that rendezvous on a free localhost port. A step then runs so:
 
 1. Every rank holds the same model (same seed, same checkpoint on resume), computes
@@ -12,7 +12,7 @@ With ``train.world_size = W > 1``, :func:`privtune.train.run` starts W processes
 2. :func:`all_reduce_grads` sums ``p.grad`` over the ranks, so each rank holds the
    clipped sum of the *whole* logical batch: what a single process would hold, up to
    float rounding of the summation order.
-3. Each rank calls :func:`privtune.dp.optimizer.privatize_` on that sum with a noise
+3. Each rank calls :func:`privtune.dp.noise.privatize_` on that sum with a noise
    generator seeded identically on every rank (with ``secure_noise`` rank 0 draws
    the seed from the OS and :func:`broadcast_seed` sends it to the others). Every
    rank therefore adds the *same* sample z ~ N(0, σ²C²I) to the *same* sum, and the

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .io import read_json, torch_save, write_json
+from privtune.io import read_json, torch_save, write_json
 
 STATE, INFO = "state.pt", "state.json"
 _UNHASHED_SETTINGS = ("threads", "checkpoint_every", "checkpoint_minutes")  # don't change the result

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .choices import METHODS, MethodError, check_objective  # noqa: F401 (re-exported)
+from privtune.choices import METHODS, MethodError, check_objective  # noqa: F401 (re-exported)
 
 DEFAULTS = {
     "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": None},

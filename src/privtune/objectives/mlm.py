@@ -57,10 +57,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .models import ModelPrepError, load_tokenizer
-from .objectives.templates import (TEMPLATES, PromptObjectiveError, PromptSpec,  # noqa: F401 (re-exported)
+from privtune.models.load import ModelPrepError, load_tokenizer
+from privtune.objectives.templates import (TEMPLATES, PromptObjectiveError, PromptSpec,  # noqa: F401 (re-exported)
                                    prompt_spec, supports_prompt)
-from .tasks import Encoded, pad_right
+from privtune.objectives.head import Encoded, pad_right
 
 __all__ = [
     "TEMPLATES",

@@ -2,12 +2,12 @@
 Child-Tuning mask. Writes the trained model, a training log, the run's metadata
 and its privacy report.
 
-The run's settings are a flat dict (``RunSettings``), given by the Snakemake
+The run's settings are a flat dict (:class:`privtune.training.settings.RunSettings`), given by the Snakemake
 rule from config.yaml; see workflow/schemas/config.schema.yaml for each key.
 
 Faults: the run checkpoints every ``checkpoint_every`` steps (and every
 ``checkpoint_minutes``) into ``{out}/checkpoint/`` and, rerun after being killed,
-resumes there (:mod:`privtune.checkpoint`), ending with the same parameters and
+resumes there (:mod:`privtune.training.checkpoint`), ending with the same parameters and
 the same ε as an uninterrupted run. Outputs are written atomically, the model
 folder first and ``privacy.json`` last of all. A non-finite loss or gradient
 stops the run naming the step (``on_nonfinite: stop``), or skips that update
@@ -16,144 +16,44 @@ it post-processing, and a skipped step still counts toward ε.
 
 Several GPUs: ``world_size: W`` runs W data-parallel processes, each taking a shard
 of every logical batch; their gradient sums are added up before the noise, which
-every rank draws identically (:mod:`privtune.distributed` says why that is noise
+every rank draws identically (:mod:`privtune.training.distributed` says why that is noise
 added once). Rank 0 writes the outputs.
 
 Command line (what the ``train`` rule runs)::
 
-    python -m privtune.train --settings settings.json --model results/models/minilm \
+    python -m privtune.training.loop --settings settings.json --model results/models/minilm \
         --train results/data/sst2/train.jsonl --out results/li2022/sst2/minilm/full/eps~3/seed~0
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
-import platform
-import secrets
+import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpoint, child, distributed, methods
-from .dp import accounting, guarantee, sampling
-from .dp.engine import GhostClipEngine
-from .dp.optimizer import build_optimizer, privatize_
-from .io import atomic_dir, file_sha256, read_json, read_jsonl, write_json
-from .models import default_device, load_tokenizer
-from .objectives import objective
-
-NONFINITE_POLICIES = ("stop", "skip")
+from privtune.childtuning import mask as child
+from privtune.dp import sampling
+from privtune.dp.engine import GhostClipEngine
+from privtune.dp.noise import privatize_
+from privtune.dp.plan import PrivacyPlan, noise_seed, plan_privacy, privacy_record, versions
+from privtune.io import atomic_dir, read_json, read_jsonl, write_json
+from privtune.models import methods
+from privtune.models.load import default_device, load_tokenizer
+from privtune.objectives import objective
+from privtune.training import checkpoint, distributed
+from privtune.training.optim import build_optimizer
+from privtune.training.settings import NONFINITE_POLICIES, RunSettings  # noqa: F401 (re-exported)
 
 
 class NonFiniteError(FloatingPointError):
     """A non-finite loss or gradient under ``on_nonfinite: stop``; names the step."""
-
-
-@dataclass
-class RunSettings:
-    kind: str  # classification | regression | table2text
-    num_labels: int = 2
-    epsilon: float | None = None  # None: non-private
-    delta: float | str = "auto"  # "auto": n^-1.1
-    clip_norm: float = 0.1
-    batch_size: int = 32  # expected logical batch size
-    physical_batch_size: int = 32
-    physical_tokens: int | None = None  # length-sorted physical batches of at most this many padded tokens
-    epochs: float = 1.0
-    steps: int | None = None  # overrides epochs
-    lr: float = 5e-4
-    optimizer: str = "adam"
-    weight_decay: float = 0.0
-    lr_schedule: str = "constant"  # constant | linear
-    warmup_ratio: float = 0.0
-    max_length: int = 128
-    sampling: str | None = None  # poisson | shuffle; default poisson under DP, shuffle otherwise
-    accountant: str = "rdp"
-    clipping_mode: str = "bk"  # bk | ghost
-    task: str | None = None  # sst2, e2e, ... (the prompt objective's template is per task)
-    objective: str = "head"  # head | prompt (privtune.objectives)
-    prompt: dict = field(default_factory=dict)  # prompt objective: template / label_words / label_prefix overrides
-    method: str = "full"  # full | lora | prefix | top2 | retrain (privtune.methods)
-    method_options: dict = field(default_factory=dict)  # e.g. {"r": 8, "alpha": 16} for lora
-    child: str = "vanilla"  # vanilla | ct_f | ct_d
-    p_f: float = 0.3
-    child_strict: bool = False  # masked coordinates do not move at all (no momentum, no weight decay)
-    seed: int = 0
-    threads: int | None = None
-    verify_engine: bool = True
-    precision: str = "fp32"  # fp32 | bf16 (autocast of the forward pass; norms are accumulated in fp32)
-    checkpoint_every: int = 100  # optimizer steps between checkpoints; 0: never by count
-    checkpoint_minutes: float = 15.0  # minutes between checkpoints; 0: never by time
-    on_nonfinite: str = "stop"  # stop | skip (a non-finite loss or gradient)
-    secure_rng: bool = False  # noise and Poisson batches from the OS's entropy, not from `seed` (a real release)
-    secure_noise: bool = False  # the former name of secure_rng
-    allow_unaccounted: bool = False  # run a DP setting whose ε does not hold (privtune.dp.guarantee), marked
-    diagnostics: bool = False  # DP: also write diagnostics_nonprivate.json (data statistics ε does not cover)
-    prior_events: list = field(default_factory=list)  # e.g. a DP Fisher pass, composed into ε
-    world_size: int = 1  # data-parallel processes (one per GPU; gloo on the CPU)
-    zero_shot: bool = False  # no training: the model as prepared, with the objective (reads no data, ε = 0)
-
-    def __post_init__(self) -> None:
-        self.secure_rng = bool(self.secure_rng or self.secure_noise)
-        if self.on_nonfinite not in NONFINITE_POLICIES:
-            raise ValueError(f"train.on_nonfinite must be one of {NONFINITE_POLICIES}, got {self.on_nonfinite!r}")
-        if self.epsilon is not None and not self.epsilon > 0:
-            raise ValueError(f"epsilon must be > 0 (or absent for a non-private run), got {self.epsilon}")
-        if not (isinstance(self.world_size, int) and self.world_size >= 1):
-            raise ValueError(f"train.world_size must be an integer >= 1 (processes, one per GPU), "
-                             f"got {self.world_size!r}")
-
-
-@dataclass(frozen=True)
-class PrivacyPlan:
-    """What a run's guarantee is computed from, fixed before the first step."""
-
-    private: bool
-    dataset_size: int
-    batch_size: int  # expected logical batch size
-    steps: int
-    sample_rate: float
-    delta: float | None
-    noise_multiplier: float
-    sampling: str
-    prior: tuple[accounting.GaussianEvent, ...] = ()
-    unaccounted: tuple[str, ...] = ()  # settings the ε does not cover (allowed by train.allow_unaccounted)
-
-    @property
-    def events(self) -> list[accounting.GaussianEvent]:
-        own = [accounting.GaussianEvent(self.noise_multiplier, self.sample_rate, self.steps, "training")]
-        return [*self.prior, *(own if self.private else [])]
-
-
-def plan_privacy(s: RunSettings, n: int, mask_source: str | None = None) -> PrivacyPlan:
-    """Steps, sampling rate, δ and the calibrated σ of a run on ``n`` training examples.
-
-    Raises before any work when the request cannot be met (δ ≥ 1/n, an ε that the
-    earlier mechanisms already spend, a setting the ε would not cover: privtune.dp.guarantee),
-    naming the config key. ``mask_source``: where a Child-Tuning_D mask came from.
-    """
-    private = s.epsilon is not None
-    scheme = s.sampling or ("poisson" if private else "shuffle")
-    unaccounted = tuple(guarantee.check(private, s.allow_unaccounted, sampling=scheme,
-                                        verify_engine=s.verify_engine, mask_source=mask_source))
-    batch_size = min(s.batch_size, n)
-    steps = s.steps or sampling.num_steps(n, batch_size, s.epochs)
-    q = batch_size / n
-    delta = accounting.default_delta(n) if s.delta == "auto" else float(s.delta)
-    prior = tuple(accounting.GaussianEvent(**e) for e in s.prior_events)
-    if not private:
-        return PrivacyPlan(False, n, batch_size, steps, q, None, 0.0, scheme, prior)
-    if not delta < 1 / n:
-        raise ValueError(f"train.delta = {delta} is not below 1/n = {1 / n:.3g} for n = {n} training examples: "
-                         "choose a smaller delta (or 'auto', which is n^-1.1)")
-    sigma = accounting.calibrate_noise(s.epsilon, delta, q, steps, s.accountant, prior=prior)
-    return PrivacyPlan(True, n, batch_size, steps, q, delta, sigma, scheme, prior, unaccounted)
 
 
 def _autocast(precision: str, device: torch.device):
@@ -182,97 +82,12 @@ def _lr_lambda(s: RunSettings, steps: int):
     return f
 
 
-def _versions() -> dict:
-    import opacus
-    import transformers
-
-    import dp_accounting  # noqa: F401
-    from importlib.metadata import version
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "opacus": opacus.__version__, "dp-accounting": version("dp-accounting")}
-
-
-def noise_seed(seed: int, secure: bool) -> int:
-    """A generator's seed: ``seed`` (reproducible) or 63 fresh bits from the OS (``secure``)."""
-    return secrets.randbits(63) if secure else seed
-
-
-def noise_rng_record(secure: bool) -> str:
-    return ("seeded from the operating system's entropy (os.urandom); the seed is not recorded" if secure else
-            "seeded from the run's seed: reproducible, but anyone who knows the seed can regenerate the noise "
-            "and remove it. Not for a real release: set train.secure_rng: true")
-
-
-def sampler_rng_record(secure: bool) -> str:
-    return ("Poisson batches drawn with a seed from the operating system's entropy, kept only in the checkpoint "
-            "(deleted when the run finishes): which examples were in which batch is not recoverable" if secure else
-            "Poisson batches drawn from the run's seed: anyone who knows it knows which examples were in each "
-            "batch, which the subsampling amplification credited in ε assumes secret. Not for a real release: "
-            "set train.secure_rng: true")
-
-
 DIAGNOSTICS = "diagnostics_nonprivate.json"  # a DP run's data statistics, written only with train.diagnostics
 
 
 def _all_finite(params) -> bool:
     grads = [p.grad for p in params if p.grad is not None]
     return bool(torch.stack([g.isfinite().all() for g in grads]).all()) if grads else True
-
-
-def _fisher_mask_record(mask_file: Path | None, mask_info: dict | None, private: bool) -> tuple[dict | None, list]:
-    """What the privacy report says about a Child-Tuning_D mask, and its warnings."""
-    if mask_file is None:
-        return None, []
-    info = mask_info or {}
-    source = info.get("source", "train")
-    record = {"file": str(mask_file), "source": source, "data": info.get("data"),
-              "covered_by_reported_epsilon": source != "train"}
-    if source == "dp":
-        record["note"] = (f"DP Fisher at ε_F = {info.get('fisher_epsilon')} (σ_F = {info.get('noise_multiplier')}), "
-                          "composed with training into the reported ε")
-    elif source == "public":
-        record["note"] = f"Fisher of {info.get('data')}, named public in the config: no privacy cost if it is public"
-    warnings = []
-    if private and source == "train":
-        warnings.append(f"The Child-Tuning_D mask {mask_file} was computed from the training data without noise: "
-                        "the ε reported here does NOT cover it. Use child.fisher_source: dp or public.")
-    return record, warnings
-
-
-def privacy_record(plan: PrivacyPlan, s: RunSettings, mask_file: Path | None = None,
-                   skipped: list[int] = (), mask_info: dict | None = None, train_file: Path | None = None) -> dict:
-    """The run's ``privacy.json``: ε under each accountant and all that is needed to re-derive it."""
-    if not plan.private:
-        report = {"epsilon": math.inf, "delta": None}
-    else:
-        report = accounting.privacy_report(plan.events, plan.delta)
-    per_epoch = []
-    if plan.private:
-        steps_per_epoch = max(1, round(1 / plan.sample_rate))
-        for k in range(steps_per_epoch, plan.steps + 1, steps_per_epoch):
-            per_epoch.append({"step": k, "epsilon": accounting.epsilon(
-                [*plan.prior, accounting.GaussianEvent(plan.noise_multiplier, plan.sample_rate, k)],
-                plan.delta, s.accountant)})
-    fisher_mask, warnings = _fisher_mask_record(mask_file, mask_info, plan.private)
-    warnings += [f"{guarantee.ALTERNATIVES[k][0]} (allowed by train.allow_unaccounted)" for k in plan.unaccounted]
-    report.update(
-        private=plan.private, target_epsilon=s.epsilon, noise_multiplier=plan.noise_multiplier,
-        clip_norm=s.clip_norm, sample_rate=plan.sample_rate, steps=plan.steps, dataset_size=plan.dataset_size,
-        expected_batch_size=plan.batch_size, sampling=plan.sampling, accountant_calibrated_with=s.accountant,
-        epsilon_by_epoch=per_epoch, seed=s.seed, skipped_steps=list(skipped),
-        noise_rng=noise_rng_record(s.secure_rng), sampler_rng=sampler_rng_record(s.secure_rng),
-        secure_rng=s.secure_rng, guarantee_holds=not plan.unaccounted, unaccounted=list(plan.unaccounted),
-        covers=guarantee.COVERS if plan.private else "non-private: no guarantee",
-        guarantee=("(ε, δ)-DP under Poisson subsampling, as accounted" if plan.sampling == "poisson" else
-                   "accounted as Poisson subsampling with q = B/n, but batches were fixed-size shuffled: "
-                   "the common approximation (as in Li et al.'s code), not a proof for this sampler"),
-        fisher_mask=fisher_mask, warnings=warnings, versions=_versions(),
-        # what the audit (privtune.dp.audit) checks dataset_size against
-        train_file=None if train_file is None else str(train_file),
-        train_file_sha256=None if train_file is None else file_sha256(Path(train_file)),
-    )
-    return report
 
 
 @dataclass
@@ -557,7 +372,7 @@ def _zero_shot(s: RunSettings, model, tok, out_dir: Path, family: str | None) ->
               "steps": 0, "dataset_size": 0, "noise_multiplier": 0.0, "seed": s.seed,
               "guarantee": "no training example was read: the released model is the prepared model (ε = 0)",
               "guarantee_holds": True, "covers": "everything: no training data was read",
-              "warnings": [], "versions": _versions()}
+              "warnings": [], "versions": versions()}
     train_metrics = {"steps": 0, "final_loss": None, "seconds": 0.0, "seconds_per_step": 0.0,
                      "trainable_parameters": 0, "total_parameters": total, "method": s.method,
                      "objective_family": family, "device": "none", "world_size": 1, "settings": asdict(s),
@@ -569,7 +384,7 @@ def _zero_shot(s: RunSettings, model, tok, out_dir: Path, family: str | None) ->
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m privtune.train", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m privtune.training.loop", description=__doc__.split("\n\n")[0])
     ap.add_argument("--settings", required=True, help="a JSON file, or a JSON object, of RunSettings")
     ap.add_argument("--model", required=True, type=Path, help="a prepared model folder")
     ap.add_argument("--train", required=True, type=Path, help="training records (JSONL, from prepare_data)")

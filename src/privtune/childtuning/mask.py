@@ -3,7 +3,7 @@
 * CT_F (task-free): each step a fresh Bernoulli(p_F) mask multiplies every
   trainable parameter's gradient, scaled by 1/p_F so the update is unbiased.
 * CT_D (task-driven): a fixed mask keeping the top p_D fraction of encoder-layer
-  parameters by Fisher information (:mod:`privtune.fisher`); no rescaling.
+  parameters by Fisher information (:mod:`privtune.childtuning.fisher`); no rescaling.
 
 Masks act on ``p.grad`` after clipping and noise and before the optimizer, as
 in the official code: with Adam, a masked coordinate still moves by its
@@ -19,7 +19,7 @@ import re
 import torch
 from torch import nn
 
-from .choices import CHILD_METHODS  # noqa: E402,F401 (re-exported)
+from privtune.choices import CHILD_METHODS  # noqa: E402,F401 (re-exported)
 
 _ENCODER_LAYER = re.compile(r"(^|\.)(layer|layers|h|block)\.\d+\.")
 

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .data.readers import read_split
-from .io import write_jsonl
+from privtune.data.readers import read_split
+from privtune.io import write_jsonl
 
 
 def subsample(records: list[dict], size: int | None, seed: int) -> list[dict]:

@@ -7,7 +7,7 @@ consecutive slices of ``--physical`` examples, each padded to its longest exampl
 batch shared by both, so drift on a shared machine cancels in the ratio. Writes a JSON with
 the examples per second of each and the median ratio::
 
-    python -m privtune.bench_batches --model results/models/minilm --train results/data/sst2/train.jsonl \\
+    python -m privtune.bench.batches --model results/models/minilm --train results/data/sst2/train.jsonl \\
         --out results/benchmarks/physical_batches_cpu.json
 """
 from __future__ import annotations
@@ -20,12 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .dp.engine import GhostClipEngine
-from .dp.optimizer import build_optimizer, privatize_
-from .dp.sampling import physical_batches
-from .io import read_jsonl, write_json
-from .models import load_tokenizer
-from .objectives import objective
+from privtune.dp.engine import GhostClipEngine
+from privtune.dp.noise import privatize_
+from privtune.training.optim import build_optimizer
+from privtune.dp.sampling import physical_batches
+from privtune.io import read_jsonl, write_json
+from privtune.models.load import load_tokenizer
+from privtune.objectives import objective
 
 
 def measure(model_dir: Path, train_file: Path, task: str = "sst2", batch: int = 512, physical: int = 64,
@@ -77,7 +78,7 @@ def measure(model_dir: Path, train_file: Path, task: str = "sst2", batch: int = 
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m privtune.bench_batches", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m privtune.bench.batches", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, required=True)
     ap.add_argument("--train", type=Path, required=True)
     ap.add_argument("--task", default="sst2")

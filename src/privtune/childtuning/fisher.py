@@ -11,7 +11,7 @@ Three sources of the mask (``child.fisher_source``):
   does not cover the mask; the run's privacy report says so loudly.
 * ``public``: another dataset or split named in the config (no privacy cost,
   provided that data really is public).
-* ``dp``: a differentially private Fisher (:func:`dp_fisher_information`): each
+* ``dp``: a differentially private Fisher (:mod:`privtune.dp.fisher_release`): each
   example's gradient over the selected parameters is clipped to norm ``C_F``
   (jointly, not per tensor, so that one example changes the summed squares by at
   most ``C_F²`` in L2 norm), squared, summed over one full pass, and released
@@ -35,6 +35,8 @@ from typing import Callable, Iterable
 
 import torch
 from torch import nn
+
+from privtune.dp.fisher_release import dp_fisher_event, dp_fisher_information  # noqa: F401 (re-exported)
 
 FISHER_SOURCES = ("train", "public", "dp")
 
@@ -65,48 +67,6 @@ def fisher_information(model: nn.Module, batches: Iterable, loss_fn: Callable, s
     if count == 0:
         raise ValueError("no batches: the Fisher estimate needs training data")
     return {n: f / count for n, f in fisher.items()}
-
-
-def dp_fisher_information(model: nn.Module, examples: Iterable, loss_fn: Callable, select: Callable[[str], bool],
-                          clip: float, noise_multiplier: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """``{name: Σ_i clip_C(g_i)² + N(0, (σ·C²)²)}``, shifted to be non-negative (order kept).
-
-    ``examples`` yields batches of **one** example each; ``g_i`` is that example's
-    gradient over the selected parameters, clipped to norm ``clip`` jointly.
-    The scores are unnormalised: the mask depends on their order only.
-    """
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad and select(n)}
-    if not params:
-        raise ValueError("no parameter is selected for the Fisher mask (check the model's layer names)")
-    total = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
-    model.eval()
-    for batch in examples:
-        model.zero_grad(set_to_none=True)
-        loss = loss_fn(model, batch)
-        if loss.numel() != 1:
-            raise ValueError(f"the DP Fisher needs one example per batch, got {loss.numel()}")
-        loss.sum().backward()
-        grads = {n: p.grad.float() for n, p in params.items() if p.grad is not None}
-        norm = torch.sqrt(sum(g.pow(2).sum() for g in grads.values()))
-        factor = (clip / (norm + 1e-12)).clamp(max=1.0)
-        for n, g in grads.items():
-            total[n] += (g * factor).pow(2)
-    model.zero_grad(set_to_none=True)
-    std = noise_multiplier * clip ** 2
-    for n, t in total.items():
-        t += torch.randn(t.shape, generator=generator, device=generator.device, dtype=t.dtype).to(t.device) * std
-    low = min(float(t.min()) for t in total.values())
-    return {n: t - low for n, t in total.items()}
-
-
-def dp_fisher_event(fisher_epsilon: float, delta: float):
-    """The DP Fisher as an accounting event: one Gaussian release (rate 1) calibrated to ``fisher_epsilon``."""
-    from .dp import accounting
-
-    if not fisher_epsilon or fisher_epsilon <= 0:
-        raise ValueError("child.fisher_source: dp needs child.fisher_epsilon > 0 (the ε spent on the Fisher)")
-    sigma = accounting.calibrate_noise(fisher_epsilon, delta, 1.0, 1)
-    return accounting.GaussianEvent(sigma, 1.0, 1, "dp_fisher")
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -157,12 +117,12 @@ def compute_mask_file(model_dir, train_file, out_file, kind: str, num_labels: in
     ``source`` is ``train`` or ``public`` (plain Fisher of ``train_file``) or ``dp``
     (:func:`dp_fisher_information` at ``fisher_epsilon``, δ as training's: ``auto`` = n^-1.1).
     """
-    from . import tasks
-    from .child import is_encoder_layer
-    from .dp import accounting
-    from .io import read_jsonl, torch_save
-    from .models import default_device, load_for_task, load_tokenizer
-    from .train import noise_rng_record, noise_seed
+    from privtune.objectives import head as tasks
+    from privtune.childtuning.mask import is_encoder_layer
+    from privtune.dp import accounting
+    from privtune.io import read_jsonl, torch_save
+    from privtune.models.load import default_device, load_for_task, load_tokenizer
+    from privtune.dp.plan import noise_rng_record, noise_seed
 
     if source not in FISHER_SOURCES:
         raise ValueError(f"child.fisher_source must be one of {FISHER_SOURCES}, got {source!r}")

@@ -62,16 +62,3 @@ def privatize_(params, noise_multiplier: float, clip_norm: float, expected_batch
                 flat[a:b].add_(z.to(device=p.device, dtype=p.grad.dtype))
         p.grad.div_(expected_batch_size)
     return sum(float(v) for v in sq.values()) ** 0.5 / expected_batch_size
-
-
-def build_optimizer(name: str, params, lr: float, weight_decay: float = 0.0,
-                    betas=(0.9, 0.999), eps: float = 1e-8, momentum: float = 0.0):
-    """``sgd``, ``adam`` or ``adamw`` (DP-SGD / DP-Adam once gradients are privatized)."""
-    params = list(params)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {name!r}; choose sgd, adam or adamw")

@@ -5,7 +5,7 @@ runs out of memory or refuses the model is *recorded* (status and message)
 instead of ending the benchmark. Models are the papers' GPT-2 shapes with
 random weights (weights change neither FLOPs nor bytes), built offline.
 
-    python -m privtune.bench --device cpu --out results/benchmarks/cpu.json
+    python -m privtune.bench.clipping --device cpu --out results/benchmarks/cpu.json
 
 Methods: ``nonprivate``; ``ours_bk`` (single backward, book-keeping) and
 ``ours_ghost`` (two passes, Li et al.'s ghost clipping); ``opacus_hooks``
@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from .io import write_json
+from privtune.io import write_json
 
 METHODS = ("nonprivate", "ours_bk", "ours_ghost", "opacus_hooks", "opacus_ghost", "opacus_ghost_untied")
 CPU_SHAPES = {"gpt2-2layer": dict(n_embd=768, n_layer=2, n_head=12), "gpt2": dict(n_embd=768, n_layer=12, n_head=12)}
@@ -80,8 +80,8 @@ def _make_step(method: str, model, batch: int, lr=1e-4):
     """
     import torch
 
-    from .dp.engine import GhostClipEngine
-    from .dp.optimizer import privatize_
+    from privtune.dp.engine import GhostClipEngine
+    from privtune.dp.noise import privatize_
 
     if method == "nonprivate":
         opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -233,7 +233,7 @@ def run_isolated(shape: str, method: str, batch: int, seq: int, steps: int, devi
     """Measure one (shape, method) in a fresh process; ``spec`` is the GPT-2 shape (default: the
     named one of ``CPU_SHAPES`` / ``GPU_SHAPES``)."""
     spec = spec or {**CPU_SHAPES, **GPU_SHAPES}[shape]
-    cmd = [sys.executable, "-m", "privtune.bench", "--one", json.dumps(spec), method, str(batch), str(seq),
+    cmd = [sys.executable, "-m", "privtune.bench.clipping", "--one", json.dumps(spec), method, str(batch), str(seq),
            str(steps), device]
     rec = {"shape": shape, "method": method, "batch": batch, "seq": seq, "device": device}
     try:
@@ -326,7 +326,7 @@ def main(argv=None) -> None:
                     r.update(got[r["method"]])
     out = Path(a.out)
     write_json(out, {"device": a.device, "batch": batch, "seq": a.seq, "records": records})
-    from .report.figures import benchmark as benchmark_figure
+    from privtune.report.figures import benchmark as benchmark_figure
 
     benchmark_figure([out], out.with_suffix(".png"))
     print("\nratios to non-private (time, memory):")
