@@ -113,20 +113,113 @@ def test_encoder_layer_selection(name, expected):
     assert is_encoder_layer(name) is expected
 
 
-def test_privatize_draws_the_same_noise_as_one_randn_per_parameter():
-    """The CPU path draws in chunks into a reused buffer; the values must equal a plain randn per parameter."""
+def _noisy(shapes, seed=3, threads=None, dtype=torch.float32, base=0.5, calls=1):
+    """The gradients after ``calls`` privatize_ calls (σC = 0.21, B = 4) from a generator seeded ``seed``."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        params = [nn.Parameter(torch.zeros(s, dtype=dtype)) for s in shapes]
+        g = torch.Generator().manual_seed(seed)
+        norms = []
+        for _ in range(calls):
+            for p in params:
+                p.grad = torch.full_like(p, base)
+            norms.append(privatize_(params, noise_multiplier=0.7, clip_norm=0.3, expected_batch_size=4, generator=g))
+        return [p.grad for p in params], norms, g
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_noise_values_do_not_depend_on_the_number_of_threads():
+    """The CPU noise is drawn in parallel, but each chunk from its own keyed stream: 1, 2 or 3 threads
+    give bit-identical gradients and the same noise norm."""
     from privtune.dp.noise import NOISE_CHUNK
 
-    shapes = [(2,), (5,), (NOISE_CHUNK * 2 + 7,), (NOISE_CHUNK + 16,), (300, 77)]
-    params = [nn.Parameter(torch.zeros(s)) for s in shapes]
-    for p in params:
-        p.grad = torch.full_like(p, 0.5)
-    privatize_(params, noise_multiplier=0.7, clip_norm=0.3, expected_batch_size=4,
-               generator=torch.Generator().manual_seed(3))
-    g = torch.Generator().manual_seed(3)
-    for p in params:
-        want = (0.5 + torch.randn(p.shape, generator=g) * (0.7 * 0.3)) / 4
-        assert torch.equal(p.grad, want), p.shape
+    shapes = [(2,), (5,), (NOISE_CHUNK * 2 + 7,), (NOISE_CHUNK + 16,), (300, 77), (NOISE_CHUNK * 3,)]
+    one, n1, _ = _noisy(shapes, threads=1)
+    for threads in (2, 3):
+        other, n2, _ = _noisy(shapes, threads=threads)
+        assert all(torch.equal(a, b) for a, b in zip(one, other)), threads
+        assert n1 == n2
+    again, _, _ = _noisy(shapes, threads=2)  # and a rerun from the same seed reproduces it
+    assert all(torch.equal(a, b) for a, b in zip(one, again))
+
+
+def test_cpu_noise_is_standard_normal_and_its_norm_is_reported():
+    """~1M values over several chunks and parameters: mean, standard deviation and a KS test against
+    N(0, σ²C²); the returned norm is that of the noise added, over the expected batch size."""
+    from scipy import stats
+
+    from privtune.dp.noise import NOISE_CHUNK
+
+    shapes = [(NOISE_CHUNK * 3 + 1000,), (500, 300), (17,)]
+    grads, norms, _ = _noisy(shapes, threads=2, base=0.0)
+    z = torch.cat([g.reshape(-1) for g in grads]).double() * 4 / 0.21  # back to N(0, 1)
+    n = z.numel()
+    assert n > 900_000
+    assert abs(float(z.mean())) < 5 / n ** 0.5
+    assert abs(float(z.std()) - 1) < 5 / (2 * n) ** 0.5
+    assert stats.kstest(z.numpy(), "norm").pvalue > 1e-4
+    assert norms[0] == pytest.approx(float(z.norm()) * 0.21 / 4, rel=1e-5)
+
+
+def test_chunks_parameters_and_steps_draw_independent_noise():
+    """No two chunks, parameters or calls share (or correlate in) their noise; a generator state restored
+    from a checkpoint draws what the uninterrupted run draws; the generator advances by the same amount
+    whatever the model, so what is drawn after the noise (CT_F masks) agrees too."""
+    from privtune.dp.noise import NOISE_CHUNK
+
+    (a, b), _, g = _noisy([(2 * NOISE_CHUNK,), (2 * NOISE_CHUNK,)], base=0.0, calls=1)
+    pieces = [a[:NOISE_CHUNK], a[NOISE_CHUNK:], b[:NOISE_CHUNK], b[NOISE_CHUNK:]]
+    for i in range(4):
+        for j in range(i + 1, 4):
+            r = torch.corrcoef(torch.stack([pieces[i], pieces[j]]))[0, 1]
+            assert abs(float(r)) < 0.01, (i, j)
+    # successive calls (steps) differ; a restored generator redraws them
+    p = nn.Parameter(torch.zeros(1000))
+    gen = torch.Generator().manual_seed(11)
+    saved = None
+    draws = []
+    for step in range(3):
+        if step == 1:
+            saved = gen.get_state()
+        p.grad = torch.zeros_like(p)
+        privatize_([p], 1.0, 1.0, 1.0, gen)
+        draws.append(p.grad.clone())
+    assert not torch.equal(draws[0], draws[1]) and not torch.equal(draws[1], draws[2])
+    resumed = torch.Generator()
+    resumed.set_state(saved)
+    p.grad = torch.zeros_like(p)
+    privatize_([p], 1.0, 1.0, 1.0, resumed)
+    assert torch.equal(p.grad, draws[1])
+    # the generator's state after a call does not depend on the parameters' number or size
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    q = nn.Parameter(torch.zeros(3 * NOISE_CHUNK))
+    q.grad = torch.zeros_like(q)
+    privatize_([p, q], 1.0, 1.0, 1.0, g1)
+    privatize_([p], 1.0, 1.0, 1.0, g2)
+    assert torch.equal(torch.rand(8, generator=g1), torch.rand(8, generator=g2))
+
+
+def test_noise_uses_the_whole_seed():
+    """torch's CPU generator keeps only 32 bits of a seed; the noise streams do not: seeds that differ
+    above bit 32 (secure_rng draws 63 bits) give different noise."""
+    a, _, _ = _noisy([(64,)], seed=12345)
+    b, _, _ = _noisy([(64,)], seed=12345 + 2**32)
+    assert not torch.equal(a[0], b[0])
+
+
+def test_other_gradient_dtypes_get_the_same_noise():
+    """A float64 (and bf16) gradient gets the float32 draw of a float32 gradient, cast."""
+    shapes = [(1000,), (33, 7)]
+    f32, n32, _ = _noisy(shapes)
+    f64, n64, _ = _noisy(shapes, dtype=torch.float64)
+    bf16, _, _ = _noisy(shapes, dtype=torch.bfloat16)
+    for a, b, c in zip(f32, f64, bf16):
+        torch.testing.assert_close(b.float(), a, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(c.float(), a, rtol=2e-2, atol=2e-2)
+    assert n64 == pytest.approx(n32, rel=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["bk", "ghost"])
