@@ -310,3 +310,36 @@ def test_micro_batches_accumulate_into_the_gradient(dtype):
     for p, w in zip(params, want):
         assert p.grad.dtype == dtype
         torch.testing.assert_close(p.grad, w.to(dtype), **tol)
+
+
+@pytest.mark.parametrize("name, rows, cols, length, dense, want", [
+    ("BERT position embedding", 512, 384, 64, False, "ghost"),  # instantiation: 18x slower, measured
+    ("GPT-2 position embedding", 1024, 768, 128, False, "ghost"),  # 11x
+    ("BERT token-type embedding", 2, 384, 16, False, "ghost"),  # 2.7x
+    ("short linear", 384, 384, 64, True, "ghost"),  # 10x
+    ("long linear", 384, 384, 512, True, "instantiate"),  # ghost 2.6x slower
+])
+def test_the_norm_cost_model_prices_memory_traffic(name, rows, cols, length, dense, want):
+    """`auto` counts the (B, rows, cols) per-example gradients instantiation writes, not its FLOPs
+    alone: a FLOP count picks instantiation for position embeddings, where it is far slower."""
+    from privtune.dp.contributions import OuterSum, squared_norms
+
+    v = torch.randn(2, length, cols)
+    c = (OuterSum(v=v, rows=rows, u=torch.randn(2, length, rows)) if dense
+         else OuterSum(v=v, rows=rows, u_idx=torch.arange(length).remainder(rows).expand(2, length)))
+    norms, how = squared_norms([c])
+    assert how == want, name
+    torch.testing.assert_close(norms, squared_norms([c], "ghost" if want == "instantiate" else "instantiate")[0])
+
+
+@pytest.mark.parametrize("rows, cols", [(3, 9), (9, 3)])
+def test_weighted_sum_scales_either_factor(rows, cols):
+    """The clipped sum scales the smaller factor; either way it equals Σ_b w_b G_b (and leaves out
+    the examples outside ``keep``)."""
+    from privtune.dp.contributions import OuterSum
+
+    o = OuterSum(v=torch.randn(4, 5, cols), rows=rows, u=torch.randn(4, 5, rows))
+    w = torch.rand(4)
+    torch.testing.assert_close(o.weighted_sum(w), torch.einsum("brc,b->rc", o.instantiate(), w))
+    keep = torch.tensor([True, False, True, True])
+    torch.testing.assert_close(o.weighted_sum(w, keep=keep), torch.einsum("brc,b->rc", o.instantiate()[keep], w[keep]))

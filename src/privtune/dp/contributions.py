@@ -8,7 +8,8 @@ one of two forms:
   one-hot given by indices ``(B, T)`` (embeddings). Linear, Conv1D and
   Embedding weights are of this form. Its squared norm can be taken without
   materialising ``G_b`` (the "ghost norm", ``<u uᵀ, v vᵀ>``, O(T²(r+c))) or by
-  materialising it (O(T r c)); :func:`gram` picks the cheaper one.
+  materialising it (O(T r c)); :func:`squared_norms` picks the cheaper one by a
+  cost model (:data:`MEMORY_COST`).
 * :class:`Direct`: the per-example gradient itself, ``(B, *shape)``: biases and
   norm-layer scales, whose per-example gradients are as small as the parameter.
 
@@ -22,6 +23,19 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+
+# What the norm strategies are priced in: one multiply-add inside a matrix product is 1; one element
+# of a per-example intermediate that is written and read back (the (B, rows, cols) gradients that
+# instantiation materialises, the (B, T, T) kernels of the ghost norm) is MEMORY_COST, and one element
+# scattered into it (a one-hot row factor) half that. Both kinds of work are bound by different things
+# (arithmetic vs memory traffic), so a count of FLOPs alone picks instantiation for position and
+# token-type embeddings where it is 3 to 50 times slower. Fitted on the benchmark's CPU
+# (all-MiniLM's and GPT-2's embeddings and linear layers, T from 16 to 512): the model picks the
+# measured-faster strategy, or one within 30 % of it, for each, and predicts the ratio of their times
+# within a factor of 2 (the benchmark's norm_strategies records both times per parameter); a
+# GPU's ratio of memory bandwidth to arithmetic is smaller still, so the same order holds there.
+MEMORY_COST = 128
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -67,12 +81,18 @@ class OuterSum:
         return self.v.shape[2]
 
     def ghost_cost(self) -> float:
-        r = self.rows if self.u is not None else 1
-        return float(self.length) ** 2 * (r + self.cols)
+        """Per example: the two (T × T) Gram products and their elementwise product (:data:`MEMORY_COST`)."""
+        t2 = float(self.length) ** 2
+        r = self.rows if self.u is not None else 0  # a one-hot row kernel is a comparison, no product
+        return t2 * (r + self.cols) + t2 * MEMORY_COST
 
     def instantiate_cost(self) -> float:
-        r = self.rows if self.u is not None else 1
-        return float(self.rows) * self.cols + float(self.length) * r * self.cols
+        """Per example: the (rows × cols) gradient, formed by a product (dense) or a scatter (one-hot),
+        written and read back for its norm (:data:`MEMORY_COST`)."""
+        size = float(self.rows) * self.cols
+        if self.u is not None:
+            return float(self.length) * size + size * MEMORY_COST
+        return size * MEMORY_COST + float(self.length) * self.cols * (MEMORY_COST // 2)
 
     def instantiate(self) -> Tensor:
         """(B, rows, cols) per-example gradients."""
@@ -89,8 +109,12 @@ class OuterSum:
         ``keep`` (B,) bool: examples outside it are left out by selection, so a non-finite
         factor of theirs cannot reach the sum (0 · inf would be NaN).
         """
-        v = self.v * weights.to(self.v.dtype).view(-1, 1, 1)
-        u = self.u
+        w = weights.to(self.v.dtype).view(-1, 1, 1)
+        u, v = self.u, self.v
+        if u is not None and u.shape[-1] < v.shape[-1]:
+            u = u * w  # the weights go on the smaller factor: the scaled copy is the smaller one
+        else:
+            v = v * w
         if keep is not None:
             v = torch.where(keep.view(-1, 1, 1), v, torch.zeros((), dtype=v.dtype, device=v.device))
             if u is not None:
