@@ -52,3 +52,112 @@ def test_length_sorted_batches_benchmark_reports_its_token_bound(tmp_path, tiny_
                 prompt={"family": "similarity"})  # the byte tokenizer has no one-token label words
     assert r["padded_tokens_ratio"] >= 1.0 and r["logical_batch"] == 32
     assert set(r["examples_per_s"]) == {"padded", "length_sorted"} and min(r["examples_per_s"].values()) > 0
+
+
+# -- the all-MiniLM SST-2 shape, precisions, grouped runs and the targets ------------------------------
+TINY_BERT = dict(arch="bert", hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                 vocab_size=30522, data="sst2", logical_batch=40, physical_batch=16, physical_tokens=256,
+                 max_length=64)
+
+
+def test_sst2_lengths_fall_back_to_the_documented_distribution(monkeypatch):
+    monkeypatch.setattr(bench, "_sst2_texts", lambda: None)
+    lengths, source = bench.sst2_lengths()
+    assert source.startswith("fixed distribution") and len(lengths) == 67349  # SST-2's training sentences
+    assert 13.2 < sum(lengths) / len(lengths) < 13.4 and min(lengths) == 3 and max(lengths) == 64
+    assert bench.sst2_lengths(max_length=32)[0].count(32) > 1000  # truncated, as the encoder would
+
+
+def test_wordpiece_approximation():
+    assert bench.approx_wordpieces("a fine film") == 5  # [CLS] a fine film [SEP]
+    assert bench.approx_wordpieces("unquestionably") == 2 + 2  # 14 characters: two pieces
+    assert bench.approx_wordpieces(" ".join(["word"] * 100), max_length=64) == 64
+
+
+def test_the_sst2_batch_is_length_sorted_physical_batches_under_the_token_budget(monkeypatch):
+    monkeypatch.setattr(bench, "_sst2_texts", lambda: None)
+    parts, info = bench._sst2_batches(TINY_BERT, "cpu")
+    sizes = [p["input_ids"].shape for p in parts]
+    assert sum(n for n, _ in sizes) == 40 and info["physical_batches"] == len(parts) > 1
+    assert all(n <= 16 and n * t <= 256 for n, t in sizes)
+    assert [t for _, t in sizes] == sorted(t for _, t in sizes)  # sorted by length: little padding
+    assert info["padded_tokens"] == sum(n * t for n, t in sizes) >= info["tokens"]
+    for p in parts:
+        lengths = p["attention_mask"].sum(1)
+        rows = range(p["input_ids"].shape[0])
+        assert all(p["input_ids"][r, 0] == 101 and p["input_ids"][r, lengths[r] - 1] == 102 for r in rows)
+        assert (p["input_ids"][p["attention_mask"] == 0] == 0).all()  # [PAD] beyond each sentence
+
+
+@pytest.mark.parametrize("method", ["nonprivate", "ours_bk", "opacus_hooks", "opacus_ghost"])
+def test_each_method_runs_on_a_tiny_bert_sst2_batch(method):
+    r = bench.measure_one(TINY_BERT, method, batch=0, seq=0, steps=1, device="cpu")
+    assert r["status"] == "ok" and r["time_s"] > 0 and r["physical_batches"] > 1 and r["mean_length"] > 3
+
+
+@pytest.mark.parametrize("method", ["nonprivate", "ours_bk", "opacus_ghost_untied"])
+def test_bf16_runs(tiny_shape, method):
+    r = bench.measure_one(bench.CPU_SHAPES[tiny_shape], method, batch=2, seq=8, steps=1, device="cpu",
+                          precision="bf16")
+    assert r["status"] == "ok" and r["time_s"] > 0
+
+
+def test_a_group_measures_every_method_in_one_process_and_searches_the_largest_batch(tiny_shape):
+    spec = bench.CPU_SHAPES[tiny_shape]
+    recs = list(bench.measure_group(spec, ["nonprivate", "ours_bk", "opacus_ghost"], batch=2, seq=8, steps=1,
+                                    device="cpu", precision="fp32", fit={"limit": 8}, deadline=None))
+    assert [r["method"] for r in recs] == ["nonprivate", "ours_bk", "opacus_ghost"]
+    for r in recs[:2]:  # a CPU never runs out of memory: the search stops at the limit
+        assert r["status"] == "ok" and r["largest_batch"] == 8 and r["largest_batch_stopped_by"] == "limit"
+        assert r["peak_mb"] is None  # a CPU's peak RSS is not per method in a shared process
+    assert recs[2]["status"] == "error" and "tying" in recs[2]["error"]
+    late = list(bench.measure_group(spec, ["nonprivate"], 2, 8, 1, "cpu", "fp32", None, deadline=0.0))
+    assert late == [{"method": "nonprivate", "status": "skipped (time budget)", "error": "no time left in the budget"}]
+
+
+def test_run_group_returns_one_record_per_method(tiny_shape, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", ":".join(__import__("sys").path))
+    recs = bench.run_group("tiny", ["nonprivate", "ours_bk"], batch=2, seq=8, steps=1, device="cpu", timeout=300,
+                           spec=bench.CPU_SHAPES[tiny_shape], precision="bf16")
+    assert [(r["method"], r["status"], r["precision"], r["shape"]) for r in recs] == [
+        ("nonprivate", "ok", "bf16", "tiny"), ("ours_bk", "ok", "bf16", "tiny")]
+
+
+def test_ratios_are_per_precision_and_the_targets_read_them():
+    def rec(method, prec, t, m, **kw):
+        return {"shape": "s", "batch": 2, "seq": 8, "method": method, "precision": prec, "status": "ok",
+                "time_s": t, "peak_mb": m, **kw}
+
+    recs = bench.with_ratios([rec("nonprivate", "fp32", 2.0, 100), rec("nonprivate", "bf16", 1.0, 50),
+                              rec("ours_bk", "fp32", 2.1, 104, time_ratio_interleaved=1.2),
+                              rec("ours_bk", "bf16", 1.05, 60)])
+    assert recs[2]["time_ratio"] == pytest.approx(1.05) and recs[3]["memory_ratio"] == pytest.approx(1.2)
+    t = bench.targets(recs, ["s"])["ours_bk"]
+    assert t["s/fp32"] == {"time_ratio": 1.2, "time_ratio_kind": "interleaved", "time_met": False,
+                           "memory_ratio": pytest.approx(1.04), "memory_met": True}
+    assert t["s/bf16"]["time_met"] is True and t["s/bf16"]["memory_met"] is False
+
+
+def test_the_overhead_profile_accounts_for_the_extra_time():
+    np_ = {"forward": 1.0, "backward": 2.0, "optimizer": 0.5}
+    bk = {"forward": 1.1, "backward (engine, all)": 2.4, "backward: output gradients": 1.2, "norms": 0.3,
+          "noise": 0.2, "optimizer": 0.5}
+    p = bench.overhead_profile(np_, bk, np_time=3.5, bk_time=4.25)
+    s = p["seconds"]
+    assert s["forward"] == pytest.approx(0.1) and s["norms"] == 0.3 and s["noise"] == 0.2
+    assert s["backward"] == pytest.approx(2.4 - 0.3 - 2.0) and s["optimizer"] == pytest.approx(0.0)
+    assert sum(s.values()) == pytest.approx(p["extra_s"]) == pytest.approx(0.75)
+    assert p["engine_backward_split_s"]["clipped_sum"] == pytest.approx(0.9)
+    assert p["fraction_of_nonprivate_step"]["norms"] == pytest.approx(0.3 / 3.5)
+
+
+def test_interleaved_profile_and_norm_strategies(tiny_shape):
+    got = bench.measure_interleaved(bench.CPU_SHAPES[tiny_shape], ["ours_bk"], batch=2, seq=8, rounds=2,
+                                    device="cpu", profile=True)
+    assert set(got["ours_bk"]["profile"]) >= {"forward", "backward (engine, all)", "norms", "noise", "optimizer"}
+    assert set(got["nonprivate"]["profile"]) == {"forward", "backward", "optimizer"}
+    ns = bench.norm_strategies(bench.CPU_SHAPES[tiny_shape], batch=2, seq=8, device="cpu")
+    assert ns["measured_best_s"] <= ns["auto_s"] + 1e-12 and ns["measured_best_s"] <= ns["ghost_only_s"] + 1e-12
+    assert "transformer.h.0.attn.c_attn.weight" in ns["per_parameter"]
+    held = ns["held_until_the_clipped_sum"]  # what book-keeping keeps until its clipped sum: both kinds
+    assert held["layer_inputs_mb"] > 0 and held["output_gradients_and_other_mb"] > 0

@@ -1,6 +1,8 @@
 # Speed/memory of DP clipping vs non-private and Opacus (issue: ghost clipping). In `all` only
 # when benchmark.in_report is true (the quick preset, on small shapes); otherwise run it with
-# `snakemake --cores all benchmark_cpu` (or benchmark_gpu on a GPU machine).
+# `snakemake --cores all benchmark_cpu` (or benchmark_gpu on a GPU machine; scripts/gpu-check.sh
+# runs the GPU benchmark and a training run on one GPU in 8 minutes).
+
 rule benchmark_clipping:
     output:
         json="results/benchmarks/clipping_{device}.json",
