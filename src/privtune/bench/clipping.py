@@ -99,10 +99,9 @@ def _sst2_texts() -> tuple[list[str], str] | None:
     for d in dirs:
         tsv = Path(d) / "glue/SST-2/train.tsv" if d else None
         if tsv is not None and tsv.exists():
-            import csv
+            from privtune.data.readers import read_split
 
-            with open(tsv, newline="") as f:
-                return [r["sentence"] for r in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)], str(tsv)
+            return [r["text_a"] for r in read_split("sst2", "train", d, verify_size=False)], str(tsv)
     return None
 
 
@@ -209,13 +208,10 @@ def _embed(model, ids, mask):
     """:func:`privtune.objectives.similarity.embed` with explicit (B, T) position and token-type ids
     (Opacus' per-sample hooks need a batch dimension on every layer input)."""
     import torch
-    import torch.nn.functional as F
 
-    hidden = model(input_ids=ids, attention_mask=mask, position_ids=_pos(ids),
-                   token_type_ids=torch.zeros_like(ids)).last_hidden_state
-    m = mask.unsqueeze(-1).to(hidden.dtype)
-    pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1)
-    return F.normalize(pooled.to(torch.promote_types(pooled.dtype, torch.float32)), dim=-1)
+    from privtune.objectives.similarity import embed
+
+    return embed(model, ids, mask, position_ids=_pos(ids), token_type_ids=torch.zeros_like(ids))
 
 
 def _logits_targets(arch: str, model, b: dict):
@@ -410,10 +406,14 @@ def _timed(step, parts, dev) -> float:
     return time.perf_counter() - t
 
 
+def _threads() -> int:
+    return int(os.environ.get("PRIVTUNE_BENCH_THREADS", os.cpu_count() or 1))
+
+
 def _set_threads() -> None:
     import torch
 
-    torch.set_num_threads(int(os.environ.get("PRIVTUNE_BENCH_THREADS", os.cpu_count() or 1)))
+    torch.set_num_threads(_threads())
 
 
 def _error(e: BaseException) -> str:
@@ -782,6 +782,25 @@ def targets(records: list[dict], shapes: list[str]) -> dict:
     return {"time_target": TIME_TARGET, "memory_target": MEMORY_TARGET, "ours_bk": out}
 
 
+def _add_interleaved(records: list[dict], got: dict, strategies) -> None:
+    """Put :func:`measure_interleaved`'s results into one (shape, precision)'s records: the ratios, and
+    for book-keeping its overhead profile with ``strategies()`` (:func:`norm_strategies`) in it."""
+    for r in records:
+        if r["method"] not in got:
+            continue
+        r.update({k: v for k, v in got[r["method"]].items() if k != "profile"})
+        if r["method"] == "ours_bk" and "profile" in got["ours_bk"] and "profile" in got["nonprivate"]:
+            np_, bk = got["nonprivate"], got["ours_bk"]
+            r["profile"] = overhead_profile(np_["profile"], bk["profile"], np_["time_s_interleaved"],
+                                            bk["time_s_interleaved"])
+            try:
+                r["profile"]["norm_strategies"] = strategies()
+            except Exception as e:  # a diagnostic: its failure is recorded, not fatal
+                r["profile"]["norm_strategies"] = {"error": _error(e)}
+        elif r["method"] == "nonprivate" and "profile" in got["nonprivate"]:
+            r["phases"] = got["nonprivate"]["profile"]
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m privtune.bench.clipping", description=__doc__.split("\n\n")[0])
     ap.add_argument("--one", nargs=6, metavar=("SHAPE", "METHOD", "BATCH", "SEQ", "STEPS", "DEVICE"),
@@ -886,43 +905,21 @@ def main(argv=None) -> None:
                 ok = [r["method"] for r in mine if r["status"] == "ok" and r["method"] in INTERLEAVED]
                 got = measure_interleaved(specs[shape], ok, batch, a.seq, a.interleave, a.device, prec,
                                           profile="ours_bk" in ok)
-                for r in mine:
-                    if r["method"] in got:
-                        r.update({k: v for k, v in got[r["method"]].items() if k != "profile"})
-                        if r["method"] == "ours_bk" and "profile" in got["ours_bk"] and "profile" in got["nonprivate"]:
-                            r["profile"] = overhead_profile(got["nonprivate"]["profile"], got["ours_bk"]["profile"],
-                                                            got["nonprivate"]["time_s_interleaved"],
-                                                            got["ours_bk"]["time_s_interleaved"])
-                            try:
-                                r["profile"]["norm_strategies"] = norm_strategies(specs[shape], batch, a.seq,
-                                                                                  a.device, prec)
-                            except Exception as e:  # a diagnostic: its failure is recorded, not fatal
-                                r["profile"]["norm_strategies"] = {"error": _error(e)}
-                        elif r["method"] == "nonprivate" and "profile" in got["nonprivate"]:
-                            r["phases"] = got["nonprivate"]["profile"]
+                _add_interleaved(mine, got, lambda: norm_strategies(specs[shape], batch, a.seq, a.device, prec))
     out = Path(a.out)
     import torch
 
     write_json(out, {"device": a.device, "batch": batch, "seq": a.seq, "precisions": a.precision,
                      "load_average_at_start": load0, "load_average_at_end": list(os.getloadavg()),
-                     "threads": int(os.environ.get("PRIVTUNE_BENCH_THREADS", os.cpu_count() or 1)),
+                     "threads": _threads(),
                      "torch": torch.__version__, "seconds": time.time() - t0,
                      "targets": targets(records, shapes), "records": records})
     from privtune.report.figures import benchmark as benchmark_figure
 
-    if len(a.precision) == 1:
-        benchmark_figure([out], out.with_suffix(".png"))
-    else:  # one figure per precision (the first at the usual name), so no line mixes two of them
-        import tempfile
-
-        data = json.loads(out.read_text())
-        for i, prec in enumerate(a.precision):
-            png = out.with_suffix(".png") if i == 0 else out.with_name(f"{out.stem}_{prec}.png")
-            with tempfile.TemporaryDirectory() as tmp:
-                part = Path(tmp) / "part.json"
-                part.write_text(json.dumps({**data, "device": f"{a.device}, {prec}",
-                                            "records": [r for r in records if r.get("precision", "fp32") == prec]}))
-                benchmark_figure([part], png)
+    # one figure per precision (the first at the usual name), so no line mixes two of them
+    for i, prec in enumerate(a.precision):
+        png = out.with_suffix(".png") if i == 0 else out.with_name(f"{out.stem}_{prec}.png")
+        benchmark_figure([out], png, precision=prec if len(a.precision) > 1 else None)
     print("\nratios to non-private (time, memory):")
     for r in records:
         if r.get("time_ratio"):

@@ -78,9 +78,9 @@ def load(model_dir: Path, dtype=torch.float32) -> nn.Module:
     return AutoModel.from_pretrained(model_dir, dtype=dtype, **kwargs)
 
 
-def embed(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """Unit-norm mean-pooled embeddings (B, d)."""
-    hidden = model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+def embed(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, **model_inputs) -> Tensor:
+    """Unit-norm mean-pooled embeddings (B, d); ``model_inputs`` go to the model as well."""
+    hidden = model(input_ids=input_ids, attention_mask=attention_mask, **model_inputs).last_hidden_state
     m = attention_mask.unsqueeze(-1).to(hidden.dtype)
     pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1)
     return F.normalize(pooled.to(torch.promote_types(pooled.dtype, torch.float32)), dim=-1)

@@ -235,11 +235,15 @@ BENCH_STYLE = {"nonprivate": ("non-private", "k", "-"), "ours_bk": ("ours (ghost
                "opacus_ghost_untied": ("Opacus ghost (untied)", "#c44e52", "--")}
 
 
-def benchmark(inputs, out_png) -> None:
+def benchmark(inputs, out_png, precision: str | None = None) -> None:
     """Step time and peak memory against model size (top), and as ratios to non-private training
-    (bottom); methods that failed (Opacus refusing or running out of memory) are named in the title."""
+    (bottom); methods that failed (Opacus refusing or running out of memory) are named in the title.
+    ``precision``: only that precision's records (a run that measured several)."""
     data = read_json(inputs[0])
-    records = data["records"]
+    records, device = data["records"], data["device"]
+    if precision is not None:
+        records = [r for r in records if r.get("precision", "fp32") == precision]
+        device = f"{device}, {precision}"
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.6))
     panels = (("time_s", axes[0, 0], "time per step (s)", True), ("peak_mb", axes[0, 1], "peak memory (MB)", True),
               ("time_ratio", axes[1, 0], "step time / non-private", False),
@@ -264,7 +268,7 @@ def benchmark(inputs, out_png) -> None:
         ax.grid(alpha=0.3, which="both")
     axes[0, 0].legend(fontsize=7)
     failed = [f"{r['shape']}/{r['method']}: {r['status']}" for r in records if r["status"] != "ok"]
-    title = f"DP clipping cost on {data['device']}, batch {data['batch']}, sequence length {data['seq']}"
+    title = f"DP clipping cost on {device}, batch {data['batch']}, sequence length {data['seq']}"
     fig.suptitle(title + ("\nnot measured: " + "; ".join(failed[:6]) if failed else ""), fontsize=9)
     fig.tight_layout()
     save_png_svg(fig, out_png)
