@@ -55,7 +55,7 @@ import sys
 import time
 from pathlib import Path
 
-from privtune.io import write_json
+from privtune.io import read_jsonl, write_json
 
 METHODS = ("nonprivate", "ours_bk", "ours_ghost", "opacus_hooks", "opacus_ghost", "opacus_ghost_untied")
 PRECISIONS = ("fp32", "bf16")
@@ -93,8 +93,7 @@ def approx_wordpieces(text: str, max_length: int = 64) -> int:
 def _sst2_texts() -> tuple[list[str], str] | None:
     jsonl = ROOT / "results/data/sst2/train.jsonl"
     if jsonl.exists():
-        rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
-        return [r["text_a"] for r in rows], str(jsonl.relative_to(ROOT))
+        return [r["text_a"] for r in read_jsonl(jsonl)], str(jsonl.relative_to(ROOT))
     dirs = [os.environ.get("PRIVTUNE_DATA_DIR"), ROOT / "resources/data", ROOT.parent / "shared/data"]
     for d in dirs:
         tsv = Path(d) / "glue/SST-2/train.tsv" if d else None
