@@ -48,6 +48,43 @@ class Objective:
     def temperature(self) -> float:
         return float(self.prompt.get("temperature", similarity.TEMPERATURE))
 
+    @property
+    def fixed_anchors(self) -> bool:
+        """The similarity objective with label embeddings taken once (``prompt.anchors: fixed``)."""
+        return (self.name == "prompt" and self.family == "similarity"
+                and self.prompt.get("anchors", "fixed") == "fixed")
+
+    def _label_ids(self, tokenizer) -> tuple:
+        descriptions = similarity.descriptions_for(self.task, self.prompt)
+        return tuple(tuple(tokenizer(d)["input_ids"]) for d in descriptions)
+
+    def prepare(self, model, tokenizer, device, model_dir: Path | None = None) -> None:
+        """Before the first step or prediction: the similarity objective's fixed label embeddings, read from
+        ``model_dir``'s ``label_anchors.pt`` when a trained run saved them there, else embedded now by
+        ``model`` (before training: the prepared encoder). A no-op for every other objective."""
+        if not self.fixed_anchors:
+            return
+        saved = Path(model_dir) / similarity.ANCHORS_FILE if model_dir is not None else None
+        if saved is not None and saved.exists():
+            anchors = torch.load(saved, map_location="cpu")
+        else:
+            anchors = similarity.label_embeddings(model, self._label_ids(tokenizer), tokenizer.pad_token_id, device)
+        similarity.fix_anchors(model, anchors.to(device))
+
+    def save(self, model, folder: Path) -> None:
+        """What the objective keeps beside the weights (the fixed label embeddings)."""
+        anchors = similarity.fixed_anchors(model)
+        if anchors is not None:
+            torch.save(anchors.cpu(), Path(folder) / similarity.ANCHORS_FILE)
+
+    def step_record(self, model, tokenizer, device) -> dict:
+        """Per-step quantities that are functions of the parameters alone (no data: free to log under DP):
+        the cosine between the label descriptions' current embeddings, for the similarity objective."""
+        if not (self.name == "prompt" and self.family == "similarity"):
+            return {}
+        live = similarity.label_embeddings(model, self._label_ids(tokenizer), tokenizer.pad_token_id, device)
+        return {"anchor_cosine": round(similarity.anchor_cosine(live), 6)}
+
     def spec(self) -> prompting.PromptSpec:
         return templates.mlm_spec(self.task, self.prompt)
 

@@ -17,13 +17,26 @@ Label descriptions, in label-id order (``prompt.descriptions`` overrides them):
 
 Pair tasks (NLI, paraphrase) are not a similarity to a fixed description and are refused.
 
-How the engine sees the label embeddings: they are computed each step from the current
-encoder, in eval mode and **without gradient** (``torch.no_grad``), so they are constants of
-the step. They depend on no training example (the descriptions are fixed public text), the
-engine's hooks record nothing while gradients are off, and each example's loss depends on
-the trainable parameters only through that example's own forward pass: the per-example
-gradient that is clipped is the exact gradient of that loss with the label embeddings held
-fixed, and the sensitivity stays C.
+Label embeddings (``prompt.anchors``):
+
+- ``fixed`` (the default): embedded **once**, by the prepared encoder before the first step, in eval
+  mode and without gradient, and kept for the whole run and its evaluation (saved beside the
+  weights as ``label_anchors.pt``). The anchors cannot drift or collapse onto each other however the
+  encoder moves, so every step pulls each input towards a fixed, well-separated target. They read
+  no training example (the descriptions are fixed public text, the encoder is the public
+  pre-trained one), so they cost no privacy.
+- ``live``: re-embedded each step by the current encoder, without gradient. Nothing then keeps
+  them apart: their cosine can rise towards 1 as the encoder is trained, and accuracy with it
+  falls to chance. Kept to reproduce that failure.
+
+Either way the label embeddings are constants of the step: the engine's hooks record nothing while
+gradients are off, each example's loss depends on the trainable parameters only through that
+example's own forward pass, and the per-example gradient that is clipped is the exact gradient of
+that loss with the label embeddings held fixed: the sensitivity stays C.
+
+The training log records, each step, the cosine between the label descriptions' embeddings under
+the *current* parameters (``anchor_cosine``: a function of the parameters alone, so free to
+record under DP): it shows how far a ``live`` objective has drifted.
 """
 from __future__ import annotations
 
@@ -86,12 +99,47 @@ def embed(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, **model_i
     return F.normalize(pooled.to(torch.promote_types(pooled.dtype, torch.float32)), dim=-1)
 
 
-def logits(model: nn.Module, batch: dict, temperature: float = TEMPERATURE) -> Tensor:
+ANCHORS = ("fixed", "live")
+ANCHORS_FILE = "label_anchors.pt"  # the fixed label embeddings, in the run's model folder
+_ATTR = "privtune_label_anchors"  # where a model holds its fixed label embeddings
+
+
+@torch.no_grad()
+def label_embeddings(model: nn.Module, label_ids, pad_id: int, device) -> Tensor:
+    """The label descriptions' embeddings (num_labels, d) under the model's current parameters: eval
+    mode, no gradient (constants of a step: no training example reaches them)."""
     was_training = model.training
-    with torch.no_grad():  # constants of the step: no training example reaches them (module docstring)
-        model.eval()
-        labels = embed(model, batch["label_input_ids"], batch["label_attention_mask"])
-        model.train(was_training)
+    model.eval()
+    ids, mask = pad_right([Encoded(list(t), None) for t in label_ids], pad_id)
+    out = embed(model, ids.to(device), mask.to(device))
+    model.train(was_training)
+    return out
+
+
+def fix_anchors(model: nn.Module, anchors: Tensor) -> None:
+    """Hold ``anchors`` as the model's label embeddings for every later step (``prompt.anchors: fixed``)."""
+    object.__setattr__(model, _ATTR, anchors.detach())
+
+
+def fixed_anchors(model: nn.Module) -> Tensor | None:
+    return getattr(model, _ATTR, None)
+
+
+def anchor_cosine(anchors: Tensor) -> float:
+    """Mean cosine between distinct label embeddings (1: collapsed onto one point)."""
+    n = anchors.shape[0]
+    gram = anchors.float() @ anchors.float().T
+    return float((gram.sum() - gram.diagonal().sum()) / max(1, n * (n - 1)))
+
+
+def logits(model: nn.Module, batch: dict, temperature: float = TEMPERATURE) -> Tensor:
+    labels = fixed_anchors(model)
+    if labels is None:  # prompt.anchors: live
+        was_training = model.training
+        with torch.no_grad():  # constants of the step: no training example reaches them (module docstring)
+            model.eval()
+            labels = embed(model, batch["label_input_ids"], batch["label_attention_mask"])
+            model.train(was_training)
     x = embed(model, batch["input_ids"], batch["attention_mask"])
     return x @ labels.to(x.dtype).T / temperature
 

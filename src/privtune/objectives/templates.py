@@ -95,6 +95,8 @@ def check(kind: str, task: str | None, name: str, num_labels: int, prompt: dict,
         raise ValueError(f"prompt.label_words {words} has {len(words)} words; task {task} has {num_labels} labels")
     if family not in (None, *FAMILIES):
         raise ValueError(f"prompt.family must be one of {FAMILIES}, got {family!r}")
+    if prompt.get("anchors", "fixed") not in ("fixed", "live"):
+        raise ValueError(f"prompt.anchors must be fixed or live, got {prompt['anchors']!r}")
     if family == "mlm":
         mlm_spec(task, prompt)
     elif family == "causal":

@@ -253,7 +253,8 @@ def record_step(job: Job, state: dict, step: int, idx, loss: float, skip: bool, 
     private, s = job.plan.private, job.s
     if skip:
         state["skipped"].append(step)
-    entry = {"step": step, "lr": job.sched.get_last_lr()[0], **({"skipped": True} if skip else {})}
+    entry = {"step": step, "lr": job.sched.get_last_lr()[0], **({"skipped": True} if skip else {}),
+             **job.obj.step_record(job.model, job.tok, job.device)}
     state["log"].append(entry if private else {**entry, "loss": loss, "batch": int(len(idx))})
     if private and s.diagnostics:
         state["diagnostics"].append({"step": step, "loss": loss, "batch": int(len(idx))})
@@ -276,6 +277,7 @@ def write_outputs(job: Job, state: dict, out_dir: Path, mask_file, train_file, e
     total = methods.count_parameters(job.model)[1]
     with atomic_dir(out_dir / "model") as tmp:
         methods.save_trained(job.model, s.method, tmp)
+        job.obj.save(job.model, tmp)
         job.tok.save_pretrained(tmp)
     report = privacy_record(plan, s, mask_file, state["skipped"], job.mask_info, train_file)
     noise = float(np.mean(state["noise_norms"])) if plan.private else 0.0
@@ -324,6 +326,7 @@ def run(settings: RunSettings, model_dir: Path, train_file: Path, out_dir: Path,
         return _zero_shot(s, obj.load(model_dir), tok, out_dir, obj.family)
     model = methods.apply(obj.load(model_dir), s.method, s.kind, s.method_options, seed=s.seed,
                           objective=s.objective).to(device)
+    obj.prepare(model, tok, device)  # before any step: the similarity objective's fixed label embeddings
     job = setup(s, model, obj, tok, train_file, mask_file, device, rank, world)
 
     ckpt_dir = out_dir / "checkpoint"
