@@ -280,3 +280,28 @@ def test_runs_are_found_by_wildcards_without_re_expanding_the_config(monkeypatch
                          eps=first.eps, seed=str(first.seed), items=lambda: {})
     Run.from_wildcards(cfg, wc)
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("preset", ["config.yaml", "config/tiny.yaml", "config/claims.yaml", "config/paper.yaml"])
+def test_no_nonprivate_run_resolves_to_poisson_sampling(preset):
+    """Non-private baselines take nonprivate_defaults (shuffled epochs, a decaying lr), resolved in
+    run_settings alone: the DP defaults (Poisson sampling) reach no non-private run of any preset."""
+    cfg = load(preset)
+    baselines = [r for r in expand_runs(cfg) if r.eps == "inf"]
+    assert baselines
+    for r in baselines:
+        s = run_settings(cfg, r)
+        assert s["sampling"] == "shuffle", r.directory
+    dp = [run_settings(cfg, r) for r in expand_runs(cfg) if r.private]
+    assert all(s["sampling"] == "poisson" or s.get("allow_unaccounted") for s in dp)
+
+
+def test_an_experiment_cannot_hand_its_dp_sampling_to_its_baseline():
+    cfg = copy.deepcopy(load("config.yaml"))
+    e = cfg["experiments"][0]
+    e["train"]["sampling"] = "poisson"
+    e.pop("nonprivate_train", None)
+    runs = {r.eps: r for r in expand_runs(cfg) if r.experiment == e["name"]}
+    s = run_settings(cfg, runs["inf"])
+    assert s["sampling"] == "shuffle" and s["lr_schedule"] == "linear"
+    assert run_settings(cfg, runs["8"])["sampling"] == "poisson"

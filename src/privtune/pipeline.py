@@ -183,7 +183,7 @@ def _check_guarantee(e: dict, config: dict) -> None:
         return
     train = {**config.get("train_defaults", {}), **e.get("train", {})}
     guarantee.check(True, bool(train.get("allow_unaccounted")), f"experiment '{e['name']}'",
-                    sampling=train["sampling"] or "poisson", verify_engine=train["verify_engine"],
+                    sampling=guarantee.sampling_scheme(train["sampling"], True), verify_engine=train["verify_engine"],
                     mask_source=fisher_source(e) if "ct_d" in e["methods"] else None)
 
 
@@ -261,12 +261,16 @@ def sweep_points(e: dict) -> list[tuple]:
 
 
 def run_settings(config: dict, run: Run) -> dict:
-    """The flat RunSettings dict for a run: package defaults < train_defaults < experiment < non-private overrides."""
+    """The flat RunSettings dict for a run, the one place settings are resolved: package defaults <
+    train_defaults < the experiment's train, then, for a run that is not private, < nonprivate_defaults
+    (shuffled epochs, a decaying lr: no DP default reaches a baseline) < the experiment's nonprivate_train."""
     e = run.exp(config)
     info = task_info(run.task)
     s = {**config.get("train_defaults", {}), **e.get("train", {})}
     if not run.private:
+        s.update(config.get("nonprivate_defaults", {}))
         s.update(e.get("nonprivate_train", {}))
+    s["sampling"] = guarantee.sampling_scheme(s.get("sampling"), run.private)
     hp = dict(run.hparams)
     s.update({k: v for k, v in hp.items() if k != "objective"})
     if "batch_size" in hp and s["physical_batch_size"] > s["batch_size"]:

@@ -20,6 +20,12 @@ This module imports no torch: the workflow checks a config with it before buildi
 """
 from __future__ import annotations
 
+def sampling_scheme(given: str | None, private: bool) -> str:
+    """The batch sampling a run uses: ``given``, else Poisson under DP (what ε is accounted for) and
+    shuffled epochs otherwise (every example once per epoch, the non-private baseline's)."""
+    return given or ("poisson" if private else "shuffle")
+
+
 COVERS = ("ε covers the released model and everything computed from the privatized gradients (the "
           "noise, the steps); not the training data's statistics (losses, batch sizes, gradient norms "
           "before noise), which a DP run writes only with train.diagnostics, to diagnostics_nonprivate.json")

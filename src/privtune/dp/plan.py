@@ -47,7 +47,7 @@ def plan_privacy(s: RunSettings, n: int, mask_source: str | None = None) -> Priv
     naming the config key. ``mask_source``: where a Child-Tuning_D mask came from.
     """
     private = s.epsilon is not None
-    scheme = s.sampling or ("poisson" if private else "shuffle")
+    scheme = guarantee.sampling_scheme(s.sampling, private)
     unaccounted = tuple(guarantee.check(private, s.allow_unaccounted, sampling=scheme,
                                         verify_engine=s.verify_engine, mask_source=mask_source))
     batch_size = min(s.batch_size, n)
