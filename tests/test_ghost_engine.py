@@ -343,3 +343,16 @@ def test_weighted_sum_scales_either_factor(rows, cols):
     torch.testing.assert_close(o.weighted_sum(w), torch.einsum("brc,b->rc", o.instantiate(), w))
     keep = torch.tensor([True, False, True, True])
     torch.testing.assert_close(o.weighted_sum(w, keep=keep), torch.einsum("brc,b->rc", o.instantiate()[keep], w[keep]))
+
+
+@pytest.mark.parametrize("mode", ["bk", "ghost"])
+def test_an_empty_physical_batch_adds_nothing(mode):
+    """Poisson sampling draws an empty batch now and then: a zero contribution, not a reshape error."""
+    model = Wrap(nn.Linear(5, 3), nn.Tanh(), nn.Linear(3, 2))
+    engine = GhostClipEngine(model, clip_norm=0.5, mode=mode)
+    with engine.capture(batch_size=0):
+        losses = model(torch.zeros(0, 5)).pow(2).sum(1)
+    norms = engine.backward(losses)
+    assert norms.shape == (0,) and all(p.grad is None for p in engine.params)
+    x = torch.randn(B, 5)  # the engine works as before on the next batch
+    check(model, lambda: model(x).pow(2).sum(1).sin() + model(x).sum(1), clip=0.1, mode=mode)

@@ -250,6 +250,10 @@ class GhostClipEngine:
 
     def backward(self, losses: Tensor) -> Tensor:
         """Accumulate ``Σ_b min(1, C/‖∇L_b‖) ∇L_b`` into ``p.grad``; return the per-example norms."""
+        if losses.dim() == 1 and losses.shape[0] == 0:
+            # an empty physical batch (Poisson sampling draws one now and then) adds nothing
+            self._records = []
+            return losses.detach().new_zeros(0)
         contribs = self._contributions(losses, retain_graph=self.mode == "ghost")
         norms = self._norms(contribs, losses.shape[0], losses.device)
         factors = self.clip_factors(norms)
