@@ -205,3 +205,17 @@ def test_a_cell_whose_epsilon_does_not_hold_is_marked_with_a_footnote(tmp_path):
     assert f"80.00{UNACCOUNTED_MARK}" in md and UNACCOUNTED_NOTE in md
     write_tables(files[1:], "li2022", tmp_path / "u.md", tmp_path / "u.csv")  # the ε = 3 run alone: no mark
     assert UNACCOUNTED_MARK not in (tmp_path / "u.md").read_text()
+
+
+def test_error_bars_are_the_seed_spread_or_the_evaluation_interval():
+    import pandas as pd
+
+    from privtune.report.figures import error_bars
+
+    seeds = pd.DataFrame({"ours": [70.0, 74.0], "ci_low": [68.0, 72.0], "ci_high": [72.0, 76.0]})
+    one = pd.DataFrame({"ours": [80.0], "ci_low": [77.5], "ci_high": [82.0]})
+    bare = pd.DataFrame({"ours": [60.0], "ci_low": [float("nan")], "ci_high": [float("nan")]})
+    bars = error_bars([seeds, one, bare, one.iloc[:0]])
+    assert bars.shape == (2, 4) and bars[:, 3].tolist() == [0.0, 0.0]
+    assert bars[:, 0].tolist() == pytest.approx([2 ** 1.5, 2 ** 1.5])  # std of 70, 74
+    assert bars[:, 1].tolist() == pytest.approx([2.5, 2.0]) and bars[:, 2].tolist() == [0.0, 0.0]

@@ -18,6 +18,14 @@ from privtune.models.load import default_device, load_tokenizer
 from privtune.objectives import head, objective
 
 
+PREDICTION_KEYS = ("paper", "task", "model", "method", "variant", "eps", "seed")  # a run's identity in the tables
+
+
+def predictions_file(metrics_file: Path) -> Path:
+    """Where the evaluation stage writes a run's per-example predictions: beside its metrics.json."""
+    return Path(metrics_file).with_name("predictions.json")
+
+
 def evaluate(run_dir: Path, eval_file: Path, out_file: Path, kind: str, task: str, meta: dict,
              generation: dict | None = None, metrics: list[str] | None = None, threads: int | None = None,
              mismatched_file: Path | None = None) -> dict:
@@ -37,23 +45,33 @@ def evaluate(run_dir: Path, eval_file: Path, out_file: Path, kind: str, task: st
     obj = objective(kind, task, s["objective"], s["num_labels"], s["prompt"], model_dir=run_dir / "model")
     # a prefix-tuned run keeps its prefix as a peft adapter beside the base weights
     model = methods.attach_adapter(obj.load(run_dir / "model"), run_dir / "model").to(device)
+    obj.prepare(model, tok, device, run_dir / "model")  # the label embeddings the run trained against
     records, mismatched = read_jsonl(eval_file), None
     t0 = time.perf_counter()
     if kind == "table2text":
         g = dict(generation or {})
         hyps = head.generate(model, tok, [r["source"] for r in records], device, **g)
         write_atomic(Path(out_file).with_name("predictions.txt"), "".join(h.replace("\n", " ") + "\n" for h in hyps))
-        scores = generation_metrics(hyps, [r["references"] for r in records],
-                                    metrics=tuple(metrics or tasks.task(task).metrics))
+        preds, labels = hyps, [r["references"] for r in records]
+        scores = generation_metrics(preds, labels, metrics=tuple(metrics or tasks.task(task).metrics))
     else:
-        def score(recs):
-            preds = obj.predict(model, obj.encode(tok, recs, s["max_length"]), tok.pad_token_id, device)
-            return classification_metrics(task, preds, [r["label"] for r in recs])
+        def predict(recs):
+            return obj.predict(model, obj.encode(tok, recs, s["max_length"]), tok.pad_token_id, device)
 
-        scores = score(records)
+        preds, labels = predict(records), [r["label"] for r in records]
+        scores = classification_metrics(task, preds, labels)
         if mismatched_file is not None:
             mismatched = read_jsonl(mismatched_file)
-            scores["accuracy_mm"] = score(mismatched)["accuracy"]
+            scores["accuracy_mm"] = classification_metrics(task, predict(mismatched),
+                                                           [r["label"] for r in mismatched])["accuracy"]
+    # per-example predictions on the (public) evaluation set: the claims report's paired bootstrap reads them
+    write_json(predictions_file(out_file), {
+        "task": task, "run": {k: {**meta, "task": task}.get(k, "") for k in PREDICTION_KEYS}, "predictions": preds, "labels": labels})
+    from privtune.report.evidence import RunPredictions, interval
+
+    main = tasks.task(task).main_metric
+    # the headline metric's 95 % interval over the evaluation examples (the figures' error bars for one seed)
+    intervals = {main: interval(RunPredictions(task, preds, labels), main)} if main in scores else {}
     privacy = read_json(run_dir / "privacy.json")
     eps = privacy.get("epsilon")
     row = {
@@ -62,6 +80,7 @@ def evaluate(run_dir: Path, eval_file: Path, out_file: Path, kind: str, task: st
         "objective": s["objective"],
         "objective_family": obj.family,
         "metrics": scores,
+        "intervals": intervals,
         "epsilon_spent": None if eps is None or (isinstance(eps, float) and math.isinf(eps)) else eps,
         "delta": privacy.get("delta"),
         "noise_multiplier": privacy.get("noise_multiplier", 0.0),

@@ -59,7 +59,8 @@ def benchmark_args(device):
 
 
 def claims_inputs(wildcards):
-    inputs = {"tables": [f"results/tables/{paper}.csv" for paper in PAPERS]}
+    inputs = {"tables": [f"results/tables/{paper}.csv" for paper in PAPERS],
+              "predictions": [r.path("predictions.json") for r in RUNS]}
     if config["benchmark"]["in_report"]:
         inputs["benchmark"] = "results/benchmarks/clipping_cpu.json"
     return inputs

@@ -5,7 +5,9 @@ rule evaluate:
         eval="results/data/{task}/eval.jsonl",
         mismatched=lambda wc: extra_eval_files(wc.task),
     output:
-        "results/{paper}/{task}/{model}/{method}/eps~{eps}/seed~{seed}/metrics.json",
+        metrics="results/{paper}/{task}/{model}/{method}/eps~{eps}/seed~{seed}/metrics.json",
+        # per-example predictions on the evaluation set, for the claims report's paired bootstrap
+        predictions="results/{paper}/{task}/{model}/{method}/eps~{eps}/seed~{seed}/predictions.json",
     log:
         "logs/evaluate/{paper}/{task}/{model}/{method}/eps~{eps}/seed~{seed}.log",
     benchmark:

@@ -4,6 +4,7 @@ log_to(snakemake)  # noqa: F821
 from privtune.report.claims import write_claims  # noqa: E402
 
 results = write_claims(snakemake.input.tables, snakemake.output[0],  # noqa: F821
-                       snakemake.input.get("benchmark"), snakemake.params.preset)  # noqa: F821
+                       snakemake.input.get("benchmark"), snakemake.params.preset,  # noqa: F821
+                       snakemake.input.predictions)  # noqa: F821
 for claim, verdict in results:
     print(f"({claim.key}) {verdict.verdict}")

@@ -9,7 +9,7 @@ claim(snakemake.resources.get("gpu", 0))  # noqa: F821  (lock this job's GPUs be
 from privtune.evaluate import evaluate  # noqa: E402
 
 spec = snakemake.params.spec  # noqa: F821
-row = evaluate(Path(snakemake.input.model).parent, Path(snakemake.input.eval), Path(snakemake.output[0]),  # noqa: F821
+row = evaluate(Path(snakemake.input.model).parent, Path(snakemake.input.eval), Path(snakemake.output.metrics),  # noqa: F821
                spec["kind"], spec["task"], spec["meta"], spec["generation"], spec["metrics"],
                threads=snakemake.threads,  # noqa: F821
                mismatched_file=Path(snakemake.input.mismatched[0]) if snakemake.input.mismatched else None)  # noqa: F821

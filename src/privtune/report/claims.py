@@ -1,15 +1,23 @@
-"""The claims report: each finding of the two papers, our numbers, and a verdict computed
-from those numbers by a rule stated here (and printed in the report).
+"""The claims report: each finding of the two papers, our numbers with their uncertainty, and a verdict
+computed from them by a rule stated here (and printed in the report).
 
-A verdict is one of ``holds``, ``does not hold`` or ``not testable`` (the runs the rule
-needs are not in this preset; the report names them). No verdict is written by hand:
-each comes from :data:`CLAIMS`' rule applied to the long results tables
-(``results/tables/{paper}.csv``) and, for the memory claim, the clipping benchmark.
-"Does not hold" is a result: the report gives the numbers and the noise regime behind them.
+Every comparison a claim makes is a difference between two groups of runs (each over its seeds) on
+the same evaluation examples, with a 95 % interval from a paired two-level bootstrap (seeds, then
+evaluation examples: :mod:`privtune.report.evidence`). A rule says "difference > threshold", and
 
-Numbers are the mean over seeds of each task's headline metric
-(the task registry's main metric, :mod:`privtune.tasks`), in the tables' scales (accuracy and MCC in
-percent, BLEU on 0-100).
+- **holds**: the whole interval lies above the threshold;
+- **does not hold**: the whole interval lies below it;
+- **inconclusive**: the interval straddles it (more seeds or evaluation examples would decide);
+- **not testable**: the runs are missing, have no per-example predictions, or did not learn: every
+  claim that needs learning first checks that the runs it compares moved beyond the no-learning
+  reference (the zero-shot model of the same objective, or, for a new head, the constant majority
+  prediction) by more than their interval, and names the runs that did not;
+- **baseline suspect** (claim a): the non-private baseline is not above zero-shot, or a DP run is
+  above it beyond the interval: the baseline, not DP, is then what the numbers measure.
+
+A claim with several comparisons (tasks, ε, models) holds when every testable one holds, does not
+hold when one does not, and is inconclusive otherwise. Numbers are each task's headline metric (the
+task registry's main metric, :mod:`privtune.tasks`) in the tables' scales.
 """
 from __future__ import annotations
 
@@ -21,19 +29,31 @@ from typing import Callable
 import pandas as pd
 
 from privtune.io import read_json, write_atomic
+from privtune.report import evidence
+from privtune.report.evidence import Comparison, RunPredictions
 from privtune.tasks import TASKS
 
-HOLDS, FAILS, UNTESTABLE = "holds", "does not hold", "not testable"
+HOLDS, FAILS, INCONCLUSIVE, UNTESTABLE, SUSPECT = (
+    "holds", "does not hold", "inconclusive", "not testable", "baseline suspect")
 
 # thresholds of the rules, in points of the headline metric (ratios for memory)
 DP_GAP = 5.0  # (a) "within a few points" of non-private
-SWEEP_MARGIN = 2.0  # (b) small batch & small lr at least this far below the best cell
+SWEEP_MARGIN = 2.0  # (b) small batch & small lr at least this far below the recommended cell
 CLIP_TOLERANCE = 1.0  # (c) small C may be at most this far below the large C
 ALIGNED_MARGIN = 1.0  # (d) the aligned objective beats the head by more than this
 MEMORY_RATIO = 1.2  # (e) ghost clipping's peak memory at most this times non-private
 PARAM_TOLERANCE = 1.0  # (f) full fine-tuning at most this far below LoRA / top2
-MOVED = 0.5  # (f) a DP run closer than this to the zero-shot model has not learned: it tests nothing
+CHILD_TOLERANCE = 1.0  # (h) CT_D at most this far below CT_F
 CHILD_TASKS = ("cola", "rte", "mrpc", "stsb")
+KEY = ["paper", "task", "model", "method", "variant", "eps", "seed"]  # a run's identity in tables and predictions
+
+
+@dataclass
+class Test:
+    """One comparison of a claim: its outcome and the line the report prints."""
+
+    outcome: str
+    line: str
 
 
 @dataclass
@@ -50,7 +70,68 @@ class Claim:
     paper: str
     statement: str
     rule: str
-    test: Callable[[pd.DataFrame, dict | None], Verdict]
+    test: Callable[["Evidence", dict | None], Verdict]
+
+
+class Evidence:
+    """The headline rows of the tables with each run's per-example predictions."""
+
+    def __init__(self, df: pd.DataFrame, predictions: dict[tuple, RunPredictions]):
+        self.df, self.predictions = df, predictions
+
+    def runs(self, g: pd.DataFrame) -> list[RunPredictions] | None:
+        got = [self.predictions.get(tuple(str(getattr(r, k)) for k in KEY)) for r in g.itertuples()]
+        return got if got and all(p is not None for p in got) else None
+
+    def compare(self, a: pd.DataFrame, b: pd.DataFrame | list[RunPredictions]) -> Comparison | None:
+        ra = self.runs(a)
+        rb = b if isinstance(b, list) else self.runs(b)
+        if not ra or not rb:
+            return None
+        return evidence.compare(ra, rb, TASKS[a.iloc[0].task].main_metric)
+
+    def reference(self, g: pd.DataFrame) -> tuple[str, pd.DataFrame | list[RunPredictions]] | None:
+        """The no-learning reference of the runs ``g``: the zero-shot runs of the same task, model and
+        objective, else (a new head, which starts at random) the constant majority prediction."""
+        r = g.iloc[0]
+        df = self.df
+        zs = df[(df.task == r.task) & (df.model == r.model) & (df.method == "zeroshot") & (df.objective == r.objective)]
+        if len(zs):
+            return "zero-shot", zs
+        runs = self.runs(g.iloc[:1])
+        if runs and TASKS[r.task].kind != "table2text":
+            return "constant prediction", [evidence.constant_predictions(runs[0])]
+        return None
+
+    def learned(self, g: pd.DataFrame, label: str) -> tuple[bool, str]:
+        """Whether the runs ``g`` moved beyond their no-learning reference by more than the interval."""
+        ref = self.reference(g)
+        if ref is None:
+            return False, f"{label}: no no-learning reference (zero-shot run or per-example predictions)"
+        c = self.compare(g, ref[1])
+        if c is None:
+            return False, f"{label}: no per-example predictions"
+        return c.above(0), f"{label} − {ref[0]}: {c.text()}"
+
+
+def outcome(c: Comparison, threshold: float) -> str:
+    return HOLDS if c.above(threshold) else FAILS if c.below(threshold) else INCONCLUSIVE
+
+
+def combine(key: str, tests: list[Test], missing: str, fail_why: str = "") -> Verdict:
+    """A claim's verdict from its comparisons (module docstring)."""
+    lines = [t.line for t in tests]
+    decided = [t.outcome for t in tests if t.outcome in (HOLDS, FAILS, INCONCLUSIVE)]
+    if not decided:
+        if any(t.outcome == SUSPECT for t in tests):
+            return Verdict(key, SUSPECT, lines, "the non-private baseline does not support a verdict (see the lines)")
+        return Verdict(key, UNTESTABLE, lines, missing)
+    if FAILS in decided:
+        return Verdict(key, FAILS, lines, fail_why)
+    if INCONCLUSIVE in decided:
+        return Verdict(key, INCONCLUSIVE, lines, "an interval straddles the rule's threshold: more seeds or "
+                                                 "evaluation examples would decide")
+    return Verdict(key, HOLDS, lines)
 
 
 def headline(df: pd.DataFrame) -> pd.DataFrame:
@@ -90,14 +171,31 @@ def _noise_regime(g: pd.DataFrame) -> str:
             f"norm of each averaged update is σ·C·√d/B ≈ {sigma * math.sqrt(d) / b:.3g}·C")
 
 
+def _pair(ev: Evidence, key: str, a: pd.DataFrame, b: pd.DataFrame, threshold: float, what: str,
+          need: dict[str, pd.DataFrame]) -> Test:
+    """``a − b > threshold`` once every group in ``need`` ({label: runs}) has learned."""
+    not_learned = []
+    for label, g in need.items():
+        ok, line = ev.learned(g, label)
+        if not ok:
+            not_learned.append(line)
+    if not_learned:
+        return Test(UNTESTABLE, f"{what}: not testable, did not learn beyond the interval — " + "; ".join(not_learned))
+    c = ev.compare(a, b)
+    if c is None:
+        return Test(UNTESTABLE, f"{what}: no per-example predictions")
+    return Test(outcome(c, threshold), f"{what}: {c.a:.2f} vs {c.b:.2f}, {c.text()}; rule: > {threshold:g} → "
+                                       f"{outcome(c, threshold)}")
+
+
 def _main(df: pd.DataFrame) -> pd.DataFrame:
     return df[df.variant == ""]
 
 
-def claim_a(df: pd.DataFrame, bench=None) -> Verdict:
-    main = _main(df)
+def claim_a(ev: Evidence, bench=None) -> Verdict:
+    main = _main(ev.df)
     main = main[main.method == "full"]
-    nums, gaps, why = [], [], []
+    tests = []
     for (task, model, obj), g in main.groupby(["task", "model", "objective"]):
         base = g[g.eps == "inf"]
         if not len(base):
@@ -106,82 +204,88 @@ def claim_a(df: pd.DataFrame, bench=None) -> Verdict:
             dp = g[g.eps == eps]
             if not len(dp):
                 continue
-            gap = _mean(base) - _mean(dp)
-            gaps.append(gap)
-            zs = df[(df.task == task) & (df.model == model) & (df.method == "zeroshot") & (df.objective == obj)]
-            nums.append(f"{_label(task, model, 'full', eps, obj)}: {_mean(dp):.2f} vs non-private {_mean(base):.2f} "
-                        f"(gap {gap:.2f})" + (f"; zero-shot {_mean(zs):.2f}" if len(zs) else ""))
-            if gap > DP_GAP:
-                why.append(f"{task}/{model} ε={eps}: {_noise_regime(dp)}")
-    if not gaps:
-        return Verdict("a", UNTESTABLE, why="needs full fine-tuning at ε = 8 or 3 beside a non-private run "
-                                            "(same task, model, objective)")
-    ok = all(g <= DP_GAP for g in gaps)
-    return Verdict("a", HOLDS if ok else FAILS, nums, "" if ok else "; ".join(w for w in why if w))
+            what = f"{_label(task, model, 'full', eps, obj)} − non-private"
+            np_ok, np_line = ev.learned(base, "non-private")
+            dp_ok, dp_line = ev.learned(dp, f"ε={eps}")
+            c = ev.compare(dp, base)
+            if c is None:
+                tests.append(Test(UNTESTABLE, f"{what}: no per-example predictions"))
+            elif not np_ok:
+                tests.append(Test(SUSPECT, f"{what}: baseline suspect, the non-private run is not above the "
+                                           f"no-learning reference ({np_line})"))
+            elif c.above(0):
+                tests.append(Test(SUSPECT, f"{what}: baseline suspect, DP is above non-private beyond the "
+                                           f"interval ({c.text()})"))
+            elif not dp_ok:
+                tests.append(Test(UNTESTABLE, f"{what}: not testable, the DP run did not learn ({dp_line})"))
+            else:
+                o = outcome(c, -DP_GAP)
+                tests.append(Test(o, f"{what}: {c.a:.2f} vs {c.b:.2f}, {c.text()}; rule: > {-DP_GAP:g} → {o}"
+                                     + (f"; {_noise_regime(dp)}" if o != HOLDS else "")))
+    return combine("a", tests, "needs full fine-tuning at ε = 8 or 3 beside a non-private run (same task, model, "
+                               "objective)", "DP is more than the gap below non-private")
 
 
-def claim_b(df: pd.DataFrame, bench=None) -> Verdict:
+def claim_b(ev: Evidence, bench=None) -> Verdict:
+    df = ev.df
     grid = df[df.variant.str.contains("bs~") & df.variant.str.contains("lr~") & (df.eps != "inf")]
-    nums, results = [], []
+    tests = []
     for (task, model, method, eps), g in grid.groupby(["task", "model", "method", "eps"]):
-        cells = g.groupby(["batch_size", "lr"]).ours.mean()
-        bss, lrs = sorted({b for b, _ in cells.index}), sorted({lr for _, lr in cells.index})
-        if len(bss) < 2 or len(lrs) < 2:
+        cells = {k: c for k, c in g.groupby(["batch_size", "lr"])}
+        bss, lrs = sorted({b for b, _ in cells}), sorted({lr for _, lr in cells})
+        if len(bss) < 2 or len(lrs) < 2 or (bss[0], lrs[0]) not in cells:
             continue
-        (best_b, best_lr), best = cells.idxmax(), cells.max()
-        small = cells.get((bss[0], lrs[0]), math.nan)
-        large_lr = best_lr >= lrs[len(lrs) // 2]
-        ok = best_b == bss[-1] and large_lr and best - small >= SWEEP_MARGIN
-        results.append(ok)
-        nums.append(f"{task} · {model} · {method} · ε={eps}: best cell B = {int(best_b)}, lr = {best_lr:g} "
-                    f"({best:.2f}); smallest B and lr (B = {int(bss[0])}, lr = {lrs[0]:g}) {small:.2f}; grid "
-                    + ", ".join(f"B{int(b)}/lr{lr:g}: {v:.2f}" for (b, lr), v in cells.items()))
-    if not results:
-        return Verdict("b", UNTESTABLE, why="needs a DP sweep with at least two batch sizes and two learning rates")
-    ok = all(results)
-    return Verdict("b", HOLDS if ok else FAILS, nums,
-                   "" if ok else "the best cell is not at the largest batch with a large lr, or small batch × "
-                                 "small lr is not clearly worse")
+        # the paper's recommendation: the largest batch with a large lr (at or above the grid's median)
+        rec = [k for k in cells if k[0] == bss[-1] and k[1] >= lrs[len(lrs) // 2]]
+        if not rec:
+            continue
+        best = max(rec, key=lambda k: _mean(cells[k]))
+        what = (f"{task} · {model} · {method} · ε={eps}: B = {int(best[0])}, lr = {best[1]:g} − (B = {int(bss[0])}, "
+                f"lr = {lrs[0]:g})")
+        t = _pair(ev, "b", cells[best], cells[(bss[0], lrs[0])], SWEEP_MARGIN, what, {"recommended cell": cells[best]})
+        beaten = [k for k in cells if k not in rec and (c := ev.compare(cells[k], cells[best])) is not None
+                  and c.above(0)]
+        if beaten and t.outcome != UNTESTABLE:
+            t = Test(FAILS, t.line + "; cells above it beyond the interval: "
+                     + ", ".join(f"B = {int(b)}, lr = {lr:g}" for b, lr in beaten))
+        tests.append(t)
+    return combine("b", tests, "needs a DP sweep with at least two batch sizes and two learning rates",
+                   "small batch × small lr is not clearly worse, or another cell beats the recommended one")
 
 
-def claim_c(df: pd.DataFrame, bench=None) -> Verdict:
+def claim_c(ev: Evidence, bench=None) -> Verdict:
+    df = ev.df
     dp = df[(df.eps != "inf") & (df.eps != "0") & df.clip_norm.notna()]
     dp = dp[~(dp.variant.str.contains("bs~") | dp.variant.str.contains("obj~"))]
-    nums, results = [], []
+    tests = []
     for (task, model, method, eps, obj), g in dp.groupby(["task", "model", "method", "eps", "objective"]):
-        by_c = g.groupby("clip_norm").ours.mean()
-        if len(by_c) < 2:
+        norms = sorted(g.clip_norm.unique())
+        if len(norms) < 2:
             continue
-        small, large = by_c.index.min(), by_c.index.max()
-        ok = by_c[small] >= by_c[large] - CLIP_TOLERANCE
-        results.append(ok)
-        nums.append(f"{_label(task, model, method, eps, obj)}: C = {small:g}: {by_c[small]:.2f}, C = {large:g}: "
-                    f"{by_c[large]:.2f}")
-    if not results:
-        return Verdict("c", UNTESTABLE, why="needs DP runs at two clipping norms (sweep: {clip_norm: [...]})")
-    ok = all(results)
-    return Verdict("c", HOLDS if ok else FAILS, nums, "" if ok else "the small clipping norm is worse")
+        small, large = g[g.clip_norm == norms[0]], g[g.clip_norm == norms[-1]]
+        tests.append(_pair(ev, "c", small, large, -CLIP_TOLERANCE,
+                           f"{_label(task, model, method, eps, obj)}: C = {norms[0]:g} − C = {norms[-1]:g}",
+                           {f"C = {norms[0]:g}": small, f"C = {norms[-1]:g}": large}))
+    return combine("c", tests, "needs DP runs at two clipping norms (sweep: {clip_norm: [...]})",
+                   "the small clipping norm is worse")
 
 
-def claim_d(df: pd.DataFrame, bench=None) -> Verdict:
+def claim_d(ev: Evidence, bench=None) -> Verdict:
+    df = ev.df
     dp = df[(df.eps == "8") & (df.method == "full")]
     dp = dp[~dp.variant.str.contains("bs~") & ~dp.variant.str.contains("C~")]
-    nums, results = [], []
+    tests = []
     for (task, model), g in dp.groupby(["task", "model"]):
         aligned, head = g[g.objective == "prompt"], g[g.objective == "head"]
-        if not (len(aligned) and len(head)):
-            continue
-        diff = _mean(aligned) - _mean(head)
-        results.append(diff > ALIGNED_MARGIN)
-        nums.append(f"{task} · {model} · full · ε=8: aligned objective {_mean(aligned):.2f}, new head "
-                    f"{_mean(head):.2f} (difference {diff:.2f})")
-    if not results:
-        return Verdict("d", UNTESTABLE, why="needs the prompt and the head objective at ε = 8 on one task and model")
-    ok = all(results)
-    return Verdict("d", HOLDS if ok else FAILS, nums, "" if ok else "the new head is as good or better")
+        if len(aligned) and len(head):
+            tests.append(_pair(ev, "d", aligned, head, ALIGNED_MARGIN,
+                               f"{task} · {model} · full · ε=8: aligned objective − new head",
+                               {"aligned objective": aligned}))
+    return combine("d", tests, "needs the prompt and the head objective at ε = 8 on one task and model",
+                   "the new head is as good or better")
 
 
-def claim_e(df: pd.DataFrame, bench=None) -> Verdict:
+def claim_e(ev: Evidence, bench=None) -> Verdict:
     if not bench:
         return Verdict("e", UNTESTABLE, why="needs the clipping benchmark (benchmark.in_report, or benchmark_cpu)")
     recs = [r for r in bench.get("records", []) if r.get("method") == "ours_bk" and r.get("memory_ratio")]
@@ -189,116 +293,88 @@ def claim_e(df: pd.DataFrame, bench=None) -> Verdict:
         return Verdict("e", UNTESTABLE, why="the benchmark has no memory ratio for ours_bk")
     nums = [f"{r['shape']} on {bench.get('device')}: peak memory {r['memory_ratio']:.2f}× non-private, time "
             f"{r['time_ratio']:.2f}×" + (f" ({r['time_ratio_interleaved']:.2f}× alternated in one process)"
-                                         if r.get("time_ratio_interleaved") else "") for r in recs]
+                                         if r.get("time_ratio_interleaved") else "")
+            + " (one measurement: peak memory is deterministic for a shape, so no interval)" for r in recs]
     ok = all(r["memory_ratio"] <= MEMORY_RATIO for r in recs)
     return Verdict("e", HOLDS if ok else FAILS, nums, "" if ok else "peak memory above the threshold on a shape")
 
 
-def claim_f(df: pd.DataFrame, bench=None) -> Verdict:
-    dp = _main(df)
+def claim_f(ev: Evidence, bench=None) -> Verdict:
+    dp = _main(ev.df)
     dp = dp[(dp.eps != "inf") & (dp.eps != "0")]
-    nums, results = [], []
-    unmoved = []
+    tests = []
     for (task, model, eps), g in dp.groupby(["task", "model", "eps"]):
         full = g[g.method == "full"]
-        small = {m: _mean(g[g.method == m]) for m in ("lora", "top2", "prefix") if (g.method == m).any()}
+        small = {m: g[g.method == m] for m in ("lora", "top2", "prefix") if (g.method == m).any()}
         if not (len(full) and small):
             continue
-        zs = df[(df.task == task) & (df.model == model) & (df.method == "zeroshot")]
-        line = (f"{task} · {model} · ε={eps}: full {_mean(full):.2f}; "
-                + ", ".join(f"{m} {v:.2f}" for m, v in small.items())
-                + (f"; zero-shot {_mean(zs):.2f}" if len(zs) else ""))
-        nums.append(line)
-        if len(zs) and all(abs(v - _mean(zs)) < MOVED for v in [_mean(full), *small.values()]):
-            unmoved.append(f"{task}/{model} ε={eps}")  # nothing learned: equal because nothing moved
+        best = max(small, key=lambda m: _mean(small[m]))
+        what = f"{task} · {model} · ε={eps}: full − {best} (the best of {', '.join(small)})"
+        learned = [ev.learned(x, m)[0] for m, x in (("full", full), (best, small[best]))]
+        if not any(learned):  # equal because nothing moved: no test of the number of parameters
+            lines = [ev.learned(x, m)[1] for m, x in (("full", full), (best, small[best]))]
+            tests.append(Test(UNTESTABLE, f"{what}: not testable, neither learned — " + "; ".join(lines)))
             continue
-        best = max(small.values())
-        results.append(_mean(full) >= best - PARAM_TOLERANCE)
-    if not results:
-        why = ("needs full fine-tuning beside LoRA, prefix or top2 under DP" if not unmoved else
-               f"every DP run is within {MOVED:g} of the zero-shot model ({', '.join(unmoved)}): none learned, "
-               "so their agreement says nothing about the number of trainable parameters")
-        return Verdict("f", UNTESTABLE, nums, why)
-    ok = all(results)
-    return Verdict("f", HOLDS if ok else FAILS, nums,
-                   "" if ok else "a method with fewer trainable parameters does better under DP at this scale")
+        tests.append(_pair(ev, "f", full, small[best], -PARAM_TOLERANCE, what, {}))
+    return combine("f", tests, "needs full fine-tuning beside LoRA, prefix or top2 under DP",
+                   "a method with fewer trainable parameters does better under DP at this scale")
 
 
-def _child(df: pd.DataFrame):
-    """(task, {method: mean}) of the non-private Child-Tuning runs; tasks where every method scored the
-    same (all at the majority class, say) are left out: a tie of runs that learned nothing tests nothing."""
-    base = _main(df)
+def _child_groups(ev: Evidence):
+    base = _main(ev.df)
     base = base[base.task.isin(CHILD_TASKS) & (base.eps == "inf")]
     for task, g in base.groupby("task"):
-        means = {m: _mean(g[g.method == m]) for m in ("vanilla", "ct_f", "ct_d") if (g.method == m).any()}
-        yield task, means
+        yield task, {m: g[g.method == m] for m in ("vanilla", "ct_f", "ct_d") if (g.method == m).any()}
 
 
-def _tied(m: dict) -> bool:
-    return len(m) > 1 and max(m.values()) - min(m.values()) < 1e-9
+def claim_g(ev: Evidence, bench=None) -> Verdict:
+    tests = []
+    for task, m in _child_groups(ev):
+        if {"vanilla", "ct_f", "ct_d"} <= set(m):
+            for ct in ("ct_f", "ct_d"):
+                tests.append(_pair(ev, "g", m[ct], m["vanilla"], 0.0, f"{task} non-private: {ct} − vanilla", m))
+    return combine("g", tests, "needs vanilla, CT_F and CT_D non-private on a task of Xu et al.",
+                   "a Child-Tuning variant is not above vanilla")
 
 
-def _child_missing(tied: list[str], what: str) -> str:
-    if tied:
-        return (f"on {', '.join(tied)} every method scored the same (no method learned beyond a constant "
-                "prediction at this preset's size): a tie tests nothing")
-    return f"needs {what} non-private on a task of Xu et al."
+def claim_h(ev: Evidence, bench=None) -> Verdict:
+    tests = []
+    for task, m in _child_groups(ev):
+        if {"ct_f", "ct_d"} <= set(m):
+            tests.append(_pair(ev, "h", m["ct_d"], m["ct_f"], -CHILD_TOLERANCE, f"{task} non-private: ct_d − ct_f",
+                               {k: m[k] for k in ("ct_f", "ct_d")}))
+    return combine("h", tests, "needs CT_F and CT_D non-private on a task of Xu et al.", "CT_F is above CT_D")
 
 
-def _child_claim(key: str, df: pd.DataFrame, need: set, what: str, holds, line, fail_why: str) -> Verdict:
-    """A Child-Tuning claim: ``holds(means)`` on every task that ran the methods in ``need``; tasks where
-    every method tied are listed but are no test."""
-    nums, results, tied = [], [], []
-    for task, m in _child(df):
-        if not need <= set(m):
-            continue
-        nums.append(f"{task} non-private: {line(m)}")
-        if _tied(m):
-            tied.append(task)
-            continue
-        results.append(holds(m))
-    if not results:
-        return Verdict(key, UNTESTABLE, nums, _child_missing(tied, what))
-    ok = all(results)
-    return Verdict(key, HOLDS if ok else FAILS, nums, "" if ok else fail_why)
-
-
-def claim_g(df: pd.DataFrame, bench=None) -> Verdict:
-    return _child_claim("g", df, {"vanilla", "ct_f", "ct_d"}, "vanilla, CT_F and CT_D",
-                        lambda m: m["ct_f"] > m["vanilla"] and m["ct_d"] > m["vanilla"],
-                        lambda m: f"vanilla {m['vanilla']:.2f}, CT_F {m['ct_f']:.2f}, CT_D {m['ct_d']:.2f}",
-                        "a Child-Tuning variant is not above vanilla")
-
-
-def claim_h(df: pd.DataFrame, bench=None) -> Verdict:
-    return _child_claim("h", df, {"ct_f", "ct_d"}, "CT_F and CT_D", lambda m: m["ct_d"] >= m["ct_f"],
-                        lambda m: f"CT_F {m['ct_f']:.2f}, CT_D {m['ct_d']:.2f}", "CT_F is above CT_D")
-
-
+_CI = "the difference's 95 % interval (paired bootstrap over seeds and evaluation examples)"
 CLAIMS = [
     Claim("a", "li2022", "At ε = 8 (and 3), DP fine-tuning is within a few points of non-private fine-tuning.",
-          f"full fine-tuning at ε = 8 and 3 at most {DP_GAP:g} points below non-private (same task, model, "
-          "objective), for every such pair", claim_a),
+          f"{_CI} of DP − non-private (full fine-tuning, same task, model, objective) lies above −{DP_GAP:g} points; "
+          "both runs must have learned, and a non-private run that is not above zero-shot or is below DP beyond the "
+          "interval makes the baseline suspect", claim_a),
     Claim("b", "li2022", "Under DP the best batch size × learning rate is a large batch with a large lr; small batch "
           "with small lr (non-private style) is much worse.",
-          f"in every DP grid the best cell has the largest batch size and an lr at or above the grid's median, and "
-          f"the smallest-batch, smallest-lr cell is at least {SWEEP_MARGIN:g} points below it", claim_b),
+          f"in every DP grid, {_CI} of the recommended cell (largest batch, lr at or above the grid's median) − the "
+          f"smallest-batch, smallest-lr cell lies above {SWEEP_MARGIN:g} points, and no other cell is above the "
+          "recommended one beyond the interval", claim_b),
     Claim("c", "li2022", "A small clipping norm is as good as or better than a large one.",
-          f"at equal ε the smallest clipping norm is at most {CLIP_TOLERANCE:g} point below the largest", claim_c),
+          f"at equal ε, {_CI} of smallest − largest clipping norm lies above −{CLIP_TOLERANCE:g} point; both must "
+          "have learned", claim_c),
     Claim("d", "li2022", "An objective aligned with pre-training beats a new classification head under DP.",
-          f"at ε = 8 the prompt objective exceeds the head objective by more than {ALIGNED_MARGIN:g} point", claim_d),
+          f"at ε = 8, {_CI} of aligned − head lies above {ALIGNED_MARGIN:g} point; the aligned run must have "
+          "learned beyond its zero-shot model", claim_d),
     Claim("e", "li2022", "Ghost clipping's memory is close to non-private training.",
           f"book-keeping ghost clipping's peak memory at most {MEMORY_RATIO:g}× non-private on every benchmark shape",
           claim_e),
     Claim("f", "li2022", "Fewer trainable parameters do not by themselves help under DP (full fine-tuning ≥ LoRA, "
-          "top2).", f"under DP full fine-tuning at most {PARAM_TOLERANCE:g} point below the best of LoRA, prefix "
-          f"and top2 (same task, model, ε); runs all within {MOVED:g} of the zero-shot model are not a test",
-          claim_f),
+          "top2).", f"under DP, {_CI} of full − the best of LoRA, prefix and top2 lies above −{PARAM_TOLERANCE:g} "
+          "point (same task, model, ε); a pair where neither learned is not a test", claim_f),
     Claim("g", "xu2021", "Child-Tuning_F and Child-Tuning_D beat vanilla fine-tuning.",
-          "non-private, CT_F and CT_D both strictly above vanilla on every task that ran all three (a task where "
-          "all three tie is not a test)", claim_g),
+          f"non-private, {_CI} of CT_F − vanilla and of CT_D − vanilla lie above 0 on every task that ran all "
+          "three; all three must have learned beyond the constant prediction", claim_g),
     Claim("h", "xu2021", "Child-Tuning_D is at least as good as Child-Tuning_F.",
-          "non-private, CT_D ≥ CT_F on every task that ran both (a tie of all methods is not a test)", claim_h),
+          f"non-private, {_CI} of CT_D − CT_F lies above −{CHILD_TOLERANCE:g} point on every task that ran both; "
+          "both must have learned beyond the constant prediction", claim_h),
 ]
 
 
@@ -318,9 +394,10 @@ def unaccounted_runs(df: pd.DataFrame) -> list[str]:
     return sorted({_label(r.task, r.model, r.method, r.eps, r.objective, r.variant) for r in gone.itertuples()})
 
 
-def evaluate_claims(df: pd.DataFrame, bench: dict | None = None) -> list[tuple[Claim, Verdict]]:
-    df = accounted(headline(df))
-    return [(c, c.test(df, bench)) for c in CLAIMS]
+def evaluate_claims(df: pd.DataFrame, bench: dict | None = None,
+                    predictions: dict[tuple, RunPredictions] | None = None) -> list[tuple[Claim, Verdict]]:
+    ev = Evidence(accounted(headline(df)), predictions or {})
+    return [(c, c.test(ev, bench)) for c in CLAIMS]
 
 
 def load_tables(csv_paths) -> pd.DataFrame:
@@ -331,6 +408,27 @@ def load_tables(csv_paths) -> pd.DataFrame:
                                                      "train_batch_size", "dataset_size", "trainable_parameters")})
         frames.append(f.assign(paper=Path(p).stem))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def load_predictions(paths) -> dict[tuple, RunPredictions]:
+    """Per-example predictions (the evaluation stage's ``predictions.json``) by run identity (:data:`KEY`)."""
+    out = {}
+    for p in paths:
+        d = read_json(p)
+        out[tuple(str(d["run"][k]) for k in KEY)] = RunPredictions(d["task"], d["predictions"], d["labels"])
+    return out
+
+
+def seed_spread(df: pd.DataFrame) -> list[str]:
+    """Each group of runs that differs only in its seed: mean, minimum and maximum of the headline metric."""
+    df = headline(df)
+    lines = []
+    for (task, model, method, variant, eps, obj), g in df.groupby(["task", "model", "method", "variant", "eps",
+                                                                   "objective"]):
+        if len(g) > 1:
+            lines.append(f"{_label(task, model, method, eps, obj, variant)}: mean {_mean(g):.2f} over {len(g)} seeds, "
+                         f"range {g.ours.min():.2f}–{g.ours.max():.2f}")
+    return lines
 
 
 def against_zero_shot(df: pd.DataFrame) -> list[str]:
@@ -349,11 +447,19 @@ def against_zero_shot(df: pd.DataFrame) -> list[str]:
 
 
 def render(results: list[tuple[Claim, Verdict]], preset: str = "", zero_shot: list[str] = (),
-           left_out: list[str] = ()) -> str:
+           left_out: list[str] = (), spread: list[str] = ()) -> str:
     lines = ["# Claims of the two papers, tested on this preset's runs", "",
-             f"Preset: **{preset or 'custom'}**. Each verdict is computed from the tables in results/tables/ by "
-             "the rule shown (privtune.report.claims); none is written by hand. Numbers are each task's headline "
-             "metric (accuracy or MCC in percent, BLEU 0-100), mean over seeds.", "",
+             f"Preset: **{preset or 'custom'}**. Each verdict is computed from the tables in results/tables/ and the "
+             "runs' per-example predictions by the rule shown (privtune.report.claims); none is written by hand. "
+             "Numbers are each task's headline metric (accuracy or MCC in percent, BLEU 0-100), mean over seeds.", "",
+             f"Method: every comparison is a difference of group means with its {int(evidence.LEVEL * 100)} % interval "
+             "from a paired two-level bootstrap (seeds drawn with replacement within each group, then the evaluation "
+             f"examples, the same draw for both groups; {evidence.REPLICATES} replicates, {evidence.SLOW_REPLICATES} "
+             "for generation metrics; privtune.report.evidence). A rule holds when the whole interval lies on its "
+             "side of the threshold, does not hold when the whole interval lies on the other side, and is "
+             "inconclusive otherwise. A comparison whose runs did not move beyond the no-learning reference (the "
+             "zero-shot model, or the constant majority prediction for a new head) by more than their interval "
+             "is not testable. With one seed an interval covers the evaluation sample only.", "",
              "| claim | paper | verdict |", "|---|---|---|"]
     lines += [f"| ({c.key}) {c.statement} | {c.paper} | **{v.verdict}** |" for c, v in results]
     if left_out:
@@ -365,6 +471,9 @@ def render(results: list[tuple[Claim, Verdict]], preset: str = "", zero_shot: li
         lines += [f"- {n}" for n in v.numbers] or ["- (no runs)"]
         if v.why:
             lines += ["", f"{'Missing' if v.verdict == UNTESTABLE else 'Why'}: {v.why}."]
+    if spread:
+        lines += ["", "## Spread over seeds", "", "Runs that differ only in their seed (the training randomness):",
+                  ""] + [f"- {s}" for s in spread]
     if zero_shot:
         lines += ["", "## Reference: each run against the zero-shot model (same objective, no training)", "",
                   "What fine-tuning adds to the untrained model; the zero-shot row reads no training data (ε = 0).",
@@ -372,9 +481,11 @@ def render(results: list[tuple[Claim, Verdict]], preset: str = "", zero_shot: li
     return "\n".join(lines) + "\n"
 
 
-def write_claims(csv_paths, out_md, bench_json=None, preset: str = "") -> list[tuple[Claim, Verdict]]:
+def write_claims(csv_paths, out_md, bench_json=None, preset: str = "", prediction_files=()
+                 ) -> list[tuple[Claim, Verdict]]:
     bench = read_json(bench_json) if bench_json and Path(bench_json).exists() else None
     df = load_tables(csv_paths)
-    results = evaluate_claims(df, bench)
-    write_atomic(out_md, render(results, preset, against_zero_shot(accounted(df)), unaccounted_runs(df)))
+    results = evaluate_claims(df, bench, load_predictions(prediction_files))
+    write_atomic(out_md, render(results, preset, against_zero_shot(accounted(df)), unaccounted_runs(df),
+                                seed_spread(accounted(df))))
     return results

@@ -43,8 +43,28 @@ def save_png_svg(fig, out_png) -> None:
 def _main_metric_rows(table_csv) -> pd.DataFrame:
     """The rows of a results table that hold each task's headline metric."""
     df = pd.read_csv(table_csv, dtype={"eps": str, "variant": str}, keep_default_na=False,
-                     na_values={"ours": [""], "published": [""], "batch_size": [""], "lr": [""], "clip_norm": [""]})
+                     na_values={k: [""] for k in ("ours", "published", "batch_size", "lr", "clip_norm", "ci_low",
+                                                  "ci_high")})
     return df[df.apply(lambda r: MAIN_METRIC.get(r.task) == r.metric, axis=1)]
+
+
+def error_bars(groups) -> np.ndarray:
+    """Error bars (2, k) for k groups of runs that differ only in their seed: the standard deviation over
+    seeds where a group has several, else the run's 95 % bootstrap interval over its evaluation examples
+    (``ci_low`` / ``ci_high``, written by the evaluation stage); 0 where neither is known."""
+    bars = []
+    for g in groups:
+        mean = g.ours.mean()
+        if not len(g):  # a method missing from this panel
+            bars.append((0.0, 0.0))
+        elif len(g) > 1:
+            sd = float(g.ours.std())
+            bars.append((sd, sd))
+        elif {"ci_low", "ci_high"} <= set(g) and pd.notna(g.ci_low.iloc[0]) and pd.notna(g.ci_high.iloc[0]):
+            bars.append((mean - float(g.ci_low.iloc[0]), float(g.ci_high.iloc[0]) - mean))
+        else:
+            bars.append((0.0, 0.0))
+    return np.array(bars, dtype=float).reshape(-1, 2).T.clip(min=0)
 
 
 def _panels(n: int, width: float = 4.2, height: float = 3.4):
@@ -58,8 +78,8 @@ def _empty(ax, text: str) -> None:
 
 
 def metric_vs_epsilon(inputs, out_png) -> None:
-    """One panel per (task, method): metric against ε, a line per model, non-private dashed, the zero-shot
-    model (same objective, no training) dotted."""
+    """One panel per (task, method): metric against ε, a line per model (error bars: :func:`error_bars`),
+    non-private dashed, the zero-shot model (same objective, no training) dotted."""
     df = main_runs(_main_metric_rows(inputs[0]))
     zero = df[df.method == "zeroshot"]
     df = df[df.method != "zeroshot"]
@@ -71,9 +91,9 @@ def metric_vs_epsilon(inputs, out_png) -> None:
             c = colors[i % len(colors)]
             priv = gm[gm.eps != "inf"].assign(e=lambda d: d.eps.astype(float)).groupby("e")
             if len(priv):
-                mean, std = priv.ours.mean(), priv.ours.std().fillna(0)
-                ax.errorbar(mean.index, mean.values, yerr=std.values, marker="o", capsize=3, color=c,
-                            label=f"{model} (DP)")
+                mean = priv.ours.mean()
+                ax.errorbar(mean.index, mean.values, yerr=error_bars(g for _, g in priv), marker="o", capsize=3,
+                            color=c, label=f"{model} (DP)")
                 for x, y in zip(mean.index, mean.values):
                     ax.annotate(f"{y:.1f}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
             nonpriv = gm[gm.eps == "inf"].ours
@@ -165,14 +185,14 @@ def metric_vs_parameters(inputs, out_png) -> None:
 
 
 def child_tuning_bars(inputs, out_png) -> None:
-    """Per task: vanilla, CT_F and CT_D side by side (mean over seeds, spread as error bars)."""
+    """Per task: vanilla, CT_F and CT_D side by side (mean over seeds; error bars: :func:`error_bars`)."""
     df = main_runs(_main_metric_rows(inputs[0]))
     order = [m for m in ("vanilla", "ct_f", "ct_d") if m in set(df.method)]
     groups = list(df.groupby(["task", "model", "eps"]))
     fig, axes = _panels(len(groups))
     for ax, ((task, model, eps), g) in zip(axes, groups):
-        stats = g.groupby("method").ours.agg(["mean", "std", "count"]).reindex(order)
-        ax.bar(range(len(order)), stats["mean"].values, yerr=stats["std"].fillna(0).values, capsize=4,
+        stats = g.groupby("method").ours.agg(["mean", "count"]).reindex(order)
+        ax.bar(range(len(order)), stats["mean"].values, yerr=error_bars(g[g.method == m] for m in order), capsize=4,
                color=["#999999", "#4c72b0", "#dd8452"][: len(order)])
         for i, (v, n) in enumerate(zip(stats["mean"].values, stats["count"].values)):
             ax.annotate(f"{v:.1f}\n(n={int(n)})" if n > 1 else f"{v:.1f}", (i, v), ha="center", va="bottom",

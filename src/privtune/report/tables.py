@@ -18,7 +18,7 @@ from privtune.tasks import TASKS
 
 PERCENT = {"accuracy", "accuracy_mm", "f1", "mcc", "pearson", "spearman"}
 COLUMNS = ["task", "model", "method", "objective", "variant", "batch_size", "lr", "clip_norm", "eps", "seed",
-           "metric", "ours",
+           "metric", "ours", "ci_low", "ci_high",
            "epsilon_spent", "noise_multiplier", "train_batch_size", "dataset_size", "trainable_parameters",
            "noise_norm", "guarantee_holds",
            "published", "published_model", "published_source"]
@@ -68,10 +68,13 @@ def collect(metric_files) -> pd.DataFrame:
         hp = m.get("hparams") or {}
         for name, value in m["metrics"].items():
             v = float(value) * (100 if name in PERCENT else 1)
+            ci = (m.get("intervals") or {}).get(name) or (None, None)  # already in the tables' scale
             rows.append({"task": m["task"], "model": m["model"], "method": m["method"],
                          "objective": m.get("objective", "head"), "variant": m.get("variant", ""),
                          "batch_size": hp.get("batch_size"), "lr": hp.get("lr"), "clip_norm": hp.get("clip_norm", m.get("clip_norm")),
                          "eps": str(m["eps"]), "seed": int(m["seed"]), "metric": name, "ours": round(v, 2),
+                         "ci_low": None if ci[0] is None else round(ci[0], 2),
+                         "ci_high": None if ci[1] is None else round(ci[1], 2),
                          "epsilon_spent": None if m.get("epsilon_spent") is None else round(m["epsilon_spent"], 3),
                          "noise_multiplier": round(m.get("noise_multiplier") or 0.0, 4),
                          "train_batch_size": m.get("train_batch_size"), "dataset_size": m.get("dataset_size"),
