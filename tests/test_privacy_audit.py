@@ -33,10 +33,11 @@ from privtune.dp.plan import plan_privacy, privacy_record
 from privtune.training.loop import RunSettings, run
 
 
-def test_every_quick_preset_dp_run_passes_an_independent_audit(data_dir):
-    """For each DP run of config.yaml: n from its prepared data, σ as training calibrates it, and the
-    ε we would report compared with dp-accounting's RDP and PLD on the recorded numbers."""
-    cfg = yaml.safe_load(open(ROOT / "config.yaml"))
+@pytest.mark.parametrize("preset,least", [("config.yaml", 2), ("config/claims.yaml", 10)])
+def test_every_preset_dp_run_passes_an_independent_audit(data_dir, preset, least):
+    """For each DP run of the quick and claims presets: n from its prepared data, σ as training calibrates
+    it, and the ε we would report compared with dp-accounting's RDP and PLD on the recorded numbers."""
+    cfg = yaml.safe_load(open(ROOT / preset))
     validate(cfg, str(ROOT / "workflow/schemas/config.schema.yaml"))  # fills defaults
     audited = 0
     for r in expand_runs(cfg):
@@ -56,7 +57,7 @@ def test_every_quick_preset_dp_run_passes_an_independent_audit(data_dir):
         assert result["reported"] >= max(result["independent"].values())
         assert record["epsilon"] <= s.epsilon * 1.01, (r, record["epsilon_by_accountant"])
         audited += 1
-    assert audited >= 7  # SST-2 at ε 3 and 8 (prompt and head), its 2 × 2 sweep; E2E full and LoRA at ε 8
+    assert audited >= least  # quick: SST-2 at ε 3 and 8; claims: those, the head, C = 10, top2 and the sweep
 
 
 @pytest.fixture(scope="module")
