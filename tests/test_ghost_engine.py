@@ -356,3 +356,73 @@ def test_an_empty_physical_batch_adds_nothing(mode):
     assert norms.shape == (0,) and all(p.grad is None for p in engine.params)
     x = torch.randn(B, 5)  # the engine works as before on the next batch
     check(model, lambda: model(x).pow(2).sum(1).sin() + model(x).sum(1), clip=0.1, mode=mode)
+
+
+class NanoPositions(nn.Module):
+    """nanoGPT's embedding: ``wte(ids) + wpe(arange(T))``, the positions computed once for the batch."""
+
+    def __init__(self, vocab=11, t_max=16, d=6):
+        super().__init__()
+        self.wte, self.wpe, self.head = nn.Embedding(vocab, d), nn.Embedding(t_max, d), nn.Linear(d, 3)
+
+    def forward(self, ids):
+        h = self.wte(ids) + self.wpe(torch.arange(ids.shape[1]))
+        return self.head(torch.tanh(h)).sum(1)
+
+
+def _nano_loss(model, ids, y):
+    return lambda: nn.functional.cross_entropy(model(ids), y, reduction="none")
+
+
+@pytest.mark.parametrize("mode", ["bk", "ghost"])
+@pytest.mark.parametrize("strategy", ["ghost", "instantiate"])
+def test_positions_shared_by_the_batch_stay_exact_when_their_length_equals_the_batch(mode, strategy):
+    torch.manual_seed(0)
+    model = NanoPositions()
+    engine = GhostClipEngine(model, clip_norm=0.05, mode=mode, norm_strategy=strategy)
+    for t in (T, B):  # first T != B (the positions are seen shared), then T == B by chance
+        ids, y = torch.randint(0, 11, (B, t)), torch.randint(0, 3, (B,))
+        want_norms, want_sum = brute_force(engine.params, _nano_loss(model, ids, y), 0.05)
+        engine.zero_grad()
+        with engine.capture(batch_size=B):
+            losses = _nano_loss(model, ids, y)()
+        norms = engine.backward(losses)
+        torch.testing.assert_close(norms, want_norms, rtol=1e-5, atol=1e-12)
+        for p, w in zip(engine.params, want_sum):
+            torch.testing.assert_close(p.grad, w, rtol=1e-5, atol=1e-10, msg=engine.param_names[id(p)])
+
+
+@pytest.mark.parametrize("mode", ["bk", "ghost"])
+def test_a_first_batch_whose_length_equals_its_size_is_settled_by_verify(mode):
+    """Positions (T,) with T == B at the very first batch look like one index per example: verify's
+    per-example check refuses, naming the layer, instead of clipping with wrong norms."""
+    torch.manual_seed(0)
+    model = NanoPositions()
+    engine = GhostClipEngine(model, clip_norm=0.05, mode=mode)
+    ids, y = torch.randint(0, 11, (B, B)), torch.randint(0, 3, (B,))
+    with engine.capture(batch_size=B):
+        losses = _nano_loss(model, ids, y)()
+    with pytest.raises(UnsupportedLayerError, match="wpe"):
+        engine.verify(losses)
+
+
+class SequenceFirst(nn.Module):
+    def __init__(self, d=5):
+        super().__init__()
+        self.proj, self.out = nn.Linear(d, d), nn.Linear(d, 2)
+
+    def forward(self, x):  # x: (B, T, d), projected sequence-first as (T, B, d)
+        h = torch.tanh(self.proj(x.transpose(0, 1))).transpose(0, 1)
+        return self.out(h).sum(1)
+
+
+@pytest.mark.parametrize("t", [B, T])
+def test_a_sequence_first_layer_is_refused_whatever_its_length(t):
+    torch.manual_seed(0)
+    model = SequenceFirst()
+    engine = GhostClipEngine(model, clip_norm=0.05)
+    x, y = torch.randn(B, t, 5), torch.randint(0, 2, (B,))
+    with engine.capture(batch_size=B):
+        losses = nn.functional.cross_entropy(model(x), y, reduction="none")
+    with pytest.raises(UnsupportedLayerError, match="proj"):
+        engine.verify(losses)

@@ -128,6 +128,9 @@ class GhostClipEngine:
         if not self.params:
             raise ValueError("the model has no trainable parameters: nothing to train")
         self._records: list[_Record] = []
+        # layers seen with an input shared by every example (positions computed once per batch): such a
+        # layer stays shared when, at a later batch, its length happens to equal the number of examples
+        self._shared: set[str] = set()
         self._anchors: dict[torch.device, Tensor] = {}
         self._capturing = False
         self._batch_size: int | None = None
@@ -147,17 +150,21 @@ class GhostClipEngine:
                 return None
             new = None
             b = self._batch_size
-            if b is not None and output.shape[0] != b:
-                # A layer called once for the whole batch and broadcast (position
-                # embeddings: ids of shape (1, T) or (T,)). Expanding its output to
-                # (B, ...) gives autograd one row per example, so the per-example
-                # gradients stay exact; downstream broadcasting is unchanged.
+            # A layer called once for the whole batch and broadcast (position embeddings: ids of shape
+            # (1, T) or (T,)). Expanding its output to (B, ...) gives autograd one row per example, so the
+            # per-example gradients stay exact; downstream broadcasting is unchanged. A 1-D index input of
+            # length B is ambiguous (B positions, or one index per example): it counts as shared once the
+            # layer was seen shared, and verify() settles the first batch.
+            one_d = isinstance(module, nn.Embedding) and x.dim() == 1
+            if b is not None and (output.shape[0] != b or (one_d and name in self._shared)):
                 if output.shape[0] == 1 and x.shape[0] == 1:
                     new = output.expand(b, *output.shape[1:])
                     x = x.expand(b, *x.shape[1:])
-                elif isinstance(module, nn.Embedding) and x.dim() == 1:
+                    self._shared.add(name)
+                elif one_d:
                     new = output.unsqueeze(0).expand(b, *output.shape)
                     x = x.unsqueeze(0).expand(b, -1)
+                    self._shared.add(name)
             out = output if new is None else new
             anchor = self._anchors.get(out.device)
             if anchor is None:  # one per device, so a model split over devices keeps every tap reachable
@@ -285,18 +292,42 @@ class GhostClipEngine:
         self._records = []
         return norms
 
+    def _check_examples(self, contribs, losses: Tensor, rtol: float, examples: int) -> None:
+        """Each parameter's per-example squared norm from the engine against autograd, for a few examples."""
+        if losses.shape[0] < 2:
+            return  # one example: the sum check below is the per-example check
+        picks = sorted({0, losses.shape[0] - 1, *range(1, min(examples, losses.shape[0]) - 1)})
+        mine = {id(p): squared_norms(cs, self.norm_strategy)[0] for p in self.params if (cs := contribs.get(id(p)))}
+        for b in picks:
+            grads = torch.autograd.grad(losses[b], self.params, allow_unused=True, retain_graph=True)
+            total = sum(float(g.double().pow(2).sum()) for g in grads if g is not None)
+            for p, g in zip(self.params, grads):
+                want = 0.0 if g is None else float(g.double().pow(2).sum())
+                got = float(mine[id(p)][b]) if id(p) in mine else 0.0
+                # squared norms: relative to this parameter's, with a floor at the example's whole norm
+                if abs(got - want) > 2 * rtol * want + 1e-8 * total + 1e-30:
+                    raise UnsupportedLayerError(
+                        f"parameter '{self.param_names[id(p)]}': the engine's squared gradient norm for example {b} "
+                        f"is {got:.6g}, one backward of that example's loss gives {want:.6g}. Its layer's input "
+                        "rows are not the batch's examples (an input shared by every example, or sequence-first); "
+                        "refusing to clip with wrong norms. Make the layer batch-first or freeze it.")
+
     def zero_grad(self) -> None:
         for p in self.params:
             p.grad = None
 
-    def verify(self, losses: Tensor, rtol: float = 1e-3) -> None:
-        """Check that the engine sees every path from each parameter to the loss.
+    def verify(self, losses: Tensor, rtol: float = 1e-3, examples: int = 3) -> None:
+        """Check that the engine sees every path from each parameter to the loss, and that it splits the
+        gradient into the right examples.
 
-        Compares the engine's unclipped gradient sum with autograd's for every
-        trainable parameter. Call inside/after a ``capture()`` forward; it
-        consumes the graph. Raises :class:`UnsupportedLayerError` on mismatch.
+        Compares the engine's unclipped gradient sum with autograd's for every trainable parameter, and
+        the per-example norms of ``examples`` examples, parameter by parameter, with one backward pass of
+        each example's loss (a layer whose rows are not examples, e.g. positions shared by the batch or a
+        sequence-first input whose length equals the batch size, fails here, named). Call inside/after a
+        ``capture()`` forward; it consumes the graph. Raises :class:`UnsupportedLayerError` on mismatch.
         """
         contribs = self._contributions(losses, retain_graph=True)
+        self._check_examples(contribs, losses, rtol, examples)
         ref = torch.autograd.grad(losses.sum(), self.params, allow_unused=True)
         ones = torch.ones(losses.shape[0], dtype=losses.dtype, device=losses.device)
         ref = [torch.zeros_like(p) if w is None else w for p, w in zip(self.params, ref)]
