@@ -71,6 +71,7 @@ def record():
     (lambda r: r.update(noise_multiplier=r["noise_multiplier"] * 2), "noise_multiplier"),
     (lambda r: r.update(steps=r["steps"] // 2), "steps"),
     (lambda r: r.update(dataset_size=r["dataset_size"] * 2), "expected_batch_size / dataset_size"),
+    (lambda r: r.update(target_epsilon=r["epsilon"] / 1.5), "exceeds the target"),
 ])
 def test_audit_refuses_a_report_that_does_not_add_up(record, tamper, problem):
     assert audit_report(record)["ok"]
@@ -122,6 +123,10 @@ def _append(path, record):
                                                    "events": [{**read_json(d / "run/privacy.json")["events"][0],
                                                                "sample_rate": 8 / 33}]}),
      "dataset_size = 33 but"),
+    (lambda d: write_json(d / "run/train_metrics.json", {**read_json(d / "run/train_metrics.json"),
+                                                         "noise_norm_mean": 0.5 * read_json(
+                                                             d / "run/train_metrics.json")["noise_norm_mean"]}),
+     "is not σ·C·√d/B"),
 ])
 def test_audit_checks_each_run_against_its_inputs_and_log(dp_run, tmp_path, tamper, problem):
     """Tampered run folders fail, naming what: the record alone (audit_report) would pass them."""

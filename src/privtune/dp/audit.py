@@ -31,6 +31,8 @@ from privtune.io import file_sha256, read_json, read_jsonl, write_json
 from privtune.dp import accounting
 
 RTOL = 1e-9
+TARGET_TOLERANCE = 0.01  # the reported ε may exceed its target by this fraction (σ's calibration tolerance)
+NOISE_TOLERANCE = 0.01  # the recorded noise norm against σ·C·√d/B, before the sampling term below
 
 
 def independent_epsilons(events: list[accounting.GaussianEvent], delta: float) -> dict[str, float]:
@@ -73,6 +75,10 @@ def audit_report(report: dict) -> dict:
     worst = max(independent.values())
     if report["epsilon"] < worst * (1 - RTOL):
         problems.append(f"reported ε = {report['epsilon']:.6g} is below the independent accountant's {worst:.6g}")
+    target = report.get("target_epsilon")
+    if target is not None and report["epsilon"] > target * (1 + TARGET_TOLERANCE):
+        problems.append(f"reported ε = {report['epsilon']:.6g} exceeds the target ε = {target:g} by more than "
+                        f"{TARGET_TOLERANCE:.0%}: σ was not calibrated to the target")
     return {"ok": not problems, "private": True, "reported": report["epsilon"], "rederived_rdp": rdp,
             "independent": independent, "problems": problems}
 
@@ -135,6 +141,24 @@ def _check_mechanisms(report: dict, settings: dict) -> list[str]:
     return problems
 
 
+def _check_noise(report: dict, metrics_file: Path) -> list[str]:
+    """The noise the run recorded (the norm of each averaged update's noise, mean over steps) against what σ
+    implies: N(0, σ²C²I_d)/B has norm σ·C·√d/B up to a relative spread of about 1/√(2d) per step."""
+    if not metrics_file.exists():
+        return [f"{metrics_file} is missing: the noise the run added cannot be checked"]
+    m = read_json(metrics_file)
+    recorded, d = m.get("noise_norm_mean"), m.get("trainable_parameters")
+    c = (m.get("settings") or {}).get("clip_norm")
+    if recorded is None or not d or c is None:
+        return ["train_metrics.json records no noise norm, parameter count or clipping norm"]
+    expected = report["noise_multiplier"] * c * math.sqrt(d) / report["expected_batch_size"]
+    tol = max(NOISE_TOLERANCE, 5 / math.sqrt(2 * d * max(1, report["steps"])))
+    if not math.isclose(recorded, expected, rel_tol=tol):
+        return [f"the recorded noise norm {recorded:.6g} is not σ·C·√d/B = {expected:.6g} (within {tol:.1%}): "
+                "the noise added is not the noise accounted"]
+    return []
+
+
 def audit_run(privacy_file: Path) -> dict:
     """:func:`audit_report` of a run's ``privacy.json``, plus its checks against the run's inputs (the
     training file), its log and the mechanisms it used."""
@@ -146,7 +170,7 @@ def audit_run(privacy_file: Path) -> dict:
     metrics_file = privacy_file.parent / "train_metrics.json"
     settings = read_json(metrics_file).get("settings", {}) if metrics_file.exists() else {}
     result["problems"] += (_check_data(report, settings.get("kind")) + _check_log(report, privacy_file.parent)
-                           + _check_mechanisms(report, settings))
+                           + _check_mechanisms(report, settings) + _check_noise(report, metrics_file))
     result["ok"] = not result["problems"]
     return result
 
