@@ -259,3 +259,23 @@ def test_one_non_finite_example_leaves_the_clipped_sum_of_the_others(float64, mo
         assert torch.isfinite(p.grad).all(), engine.param_names[id(p)]
         torch.testing.assert_close(p.grad, w, rtol=1e-9, atol=1e-12)
     engine.detach()
+
+
+def test_ct_f_masks_draw_from_a_stream_independent_of_the_noise(tiny_models, tmp_path):
+    """The masks show in the released iterates; if they shared the noise's generator, what they reveal of it
+    would reveal the noise. A CT_F run and a vanilla run with the same seed add the same noise, step by step."""
+    import json
+
+    from privtune.io import write_jsonl
+    from privtune.training.loop import RunSettings, run
+
+    write_jsonl(tmp_path / "train.jsonl", [{"text_a": f"s{i} good" if i % 2 else f"s{i} bad", "text_b": None,
+                                            "label": i % 2} for i in range(32)])
+    norms = {}
+    for child in ("vanilla", "ct_f"):
+        s = RunSettings(kind="classification", epsilon=8.0, delta=1e-3, batch_size=8, physical_batch_size=8,
+                        steps=3, max_length=16, child=child, p_f=0.5, seed=3)
+        out = run(s, tiny_models / "bert", tmp_path / "train.jsonl", tmp_path / child, progress=False)
+        norms[child] = out["train"]["noise_norm_mean"]
+        assert json.loads((tmp_path / child / "privacy.json").read_text())["steps"] == 3
+    assert norms["vanilla"] == norms["ct_f"]

@@ -69,6 +69,14 @@ def noise_seed(seed: int, secure: bool) -> int:
     return secrets.randbits(63) if secure else seed
 
 
+def mask_seed(seed: int) -> int:
+    """CT_F's mask stream: a seed derived from the run's seed by NumPy's SeedSequence, independent of the
+    noise's and the sampler's streams (which the masks, visible in the released iterates, must not reveal)."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, 2]).generate_state(1, np.uint64)[0] >> 1)
+
+
 def noise_rng_record(secure: bool) -> str:
     return ("seeded from the operating system's entropy (os.urandom); the seed is not recorded" if secure else
             "seeded from the run's seed: reproducible, but anyone who knows the seed can regenerate the noise "

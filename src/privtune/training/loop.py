@@ -42,7 +42,7 @@ from privtune.childtuning import mask as child
 from privtune.dp import sampling
 from privtune.dp.engine import GhostClipEngine
 from privtune.dp.noise import privatize_
-from privtune.dp.plan import PrivacyPlan, noise_seed, plan_privacy, privacy_record, versions
+from privtune.dp.plan import PrivacyPlan, mask_seed, noise_seed, plan_privacy, privacy_record, versions
 from privtune.io import atomic_dir, read_json, read_jsonl, write_json
 from privtune.models import methods
 from privtune.models.load import default_device, load_tokenizer
@@ -105,7 +105,8 @@ class Job:
     engine: GhostClipEngine | None
     opt: torch.optim.Optimizer
     sched: object
-    gen: torch.Generator  # noise and CT_F masks: the same on every rank
+    gen: torch.Generator  # the noise: the same on every rank
+    mask_gen: torch.Generator  # CT_F's masks, a stream of its own (the same on every rank)
     masks: dict | None  # CT_D's fixed mask
     mask_info: dict | None
     device: torch.device
@@ -139,8 +140,11 @@ def setup(s: RunSettings, model, obj, tok, train_file: Path, mask_file: Path | N
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(s, plan.steps))
     gen = torch.Generator(device=device).manual_seed(
         distributed.broadcast_seed(noise_seed(s.seed + 1, s.secure_rng), device))
+    # CT_F's masks show in the released iterates (masked coordinates do not move), so they come from a stream
+    # independent of the noise's: what they reveal of their generator says nothing about the noise
+    mask_gen = torch.Generator(device=device).manual_seed(mask_seed(s.seed))
     return Job(s, plan, obj, tok, model, data, [len(e.input_ids) for e in data], params, engine, opt, sched, gen,
-               masks, mask_info, device, rank, world)
+               mask_gen, masks, mask_info, device, rank, world)
 
 
 def clip_and_sum(job: Job, shard, batch_len: int, state: dict) -> tuple[float, int]:
@@ -194,7 +198,7 @@ def train_step(job: Job, state: dict, step: int, idx) -> tuple[float, bool]:
     if _skip_update(job, step, loss):
         job.opt.zero_grad(set_to_none=True)
         return loss, True
-    kept = (child.ct_f_mask_(params, s.p_f, job.gen, return_masks=s.child_strict) if s.child == "ct_f" else
+    kept = (child.ct_f_mask_(params, s.p_f, job.mask_gen, return_masks=s.child_strict) if s.child == "ct_f" else
             child.fixed_mask_(job.model, job.masks) if s.child == "ct_d" else [])  # 4. mask
     saved = child.snapshot(kept) if s.child_strict else []
     job.opt.step()  # 5. step
@@ -243,6 +247,8 @@ def resume(job: Job, ckpt_dir: Path, fp: str, state: dict) -> dict:
     job.opt.load_state_dict(resumed["optimizer"])
     job.sched.load_state_dict(resumed["scheduler"])
     checkpoint.set_rng_state(resumed["rng"], job.gen)
+    if "mask_rng" in resumed:  # a checkpoint written before CT_F had its own stream has none
+        job.mask_gen.set_state(resumed["mask_rng"])
     if job.main:
         print(f"resuming from checkpoint {ckpt_dir} at step {resumed['step']} of {job.plan.steps}", flush=True)
     return {k: resumed.get(k, state[k]) for k in state}
@@ -268,6 +274,7 @@ def save_checkpoint(job: Job, ckpt_dir: Path, fp: str, state: dict, start: int, 
     checkpoint.save(ckpt_dir, {**state, "segments": segments, "seconds": state["seconds"] + seconds,
                                "model": job.model.state_dict(), "optimizer": job.opt.state_dict(),
                                "scheduler": job.sched.state_dict(), "rng": checkpoint.rng_state(job.gen),
+                               "mask_rng": job.mask_gen.get_state(),
                                "noise_multiplier": job.plan.noise_multiplier}, fp)
 
 
