@@ -426,3 +426,27 @@ def test_a_sequence_first_layer_is_refused_whatever_its_length(t):
         losses = nn.functional.cross_entropy(model(x), y, reduction="none")
     with pytest.raises(UnsupportedLayerError, match="proj"):
         engine.verify(losses)
+
+
+@pytest.mark.parametrize("norm,match", [
+    (lambda: nn.GroupNorm(2, 4), "GroupNorm"),
+    (lambda: nn.GroupNorm(1, 4), "GroupNorm"),
+    (lambda: nn.BatchNorm1d(4), "BatchNorm1d"),
+    (lambda: nn.BatchNorm1d(3), "BatchNorm1d"),  # its channels happen to equal the probe's middle dimension
+    (lambda: nn.InstanceNorm1d(4, affine=True), "InstanceNorm1d"),
+    (lambda: nn.LayerNorm((2, 2)), "several trailing dimensions"),
+    (lambda: nn.RMSNorm((2, 2)), "several trailing dimensions"),
+])
+def test_norm_layers_the_engine_cannot_clip_are_refused_by_name_at_initialisation(norm, match):
+    """At weight 1 and bias 0 every affine norm looks alike: the probe uses random parameters, and layers
+    that normalise over the batch, channels or several dimensions are refused, never a torch shape error."""
+    model = Wrap(nn.Linear(3, 4), norm(), nn.Linear(4, 2)) if "several" not in match else \
+        nn.Sequential(nn.Unflatten(-1, (2, 2)), norm(), nn.Flatten(-2))
+    with pytest.raises(UnsupportedLayerError, match=match):
+        GhostClipEngine(model, clip_norm=1.0)
+
+
+def test_an_initialised_one_plus_weight_norm_is_refused():
+    norm = GemmaStyleNorm(4)  # weight 0: (1 + w) = 1 passes a probe at the layer's own parameters
+    with pytest.raises(UnsupportedLayerError, match="GemmaStyleNorm"):
+        GhostClipEngine(Wrap(nn.Linear(3, 4), norm), clip_norm=1.0)

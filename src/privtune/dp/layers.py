@@ -165,25 +165,44 @@ def _looks_like_rmsnorm(module: nn.Module) -> bool:
 register_matcher(_looks_like_rmsnorm)(affine_norm)
 
 
-def probe_affine_norm(module: nn.Module, name: str) -> None:
-    """Confirm by behaviour that ``module(x) == weight ⊙ module₁,₀(x) + bias``.
+# Norm layers whose statistics are not taken over the last dimension of each example alone: the batch's
+# (BatchNorm in training), a channel dimension (GroupNorm, InstanceNorm). Their weight does not act on the
+# last dimension, and BatchNorm lets one example change every other example's gradient.
+COUPLED_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
 
-    Gemma-style ``(1 + weight)`` scaling, or anything else, fails the probe and
-    is refused rather than clipped with a wrong gradient.
+
+def probe_affine_norm(module: nn.Module, name: str) -> None:
+    """Confirm by behaviour that ``module(x) == weight ⊙ module₁,₀(x) + bias`` over the last dimension.
+
+    The probe uses random weight and bias (at weight 1 and bias 0, as at initialisation, any layer passes
+    trivially). Gemma-style ``(1 + weight)`` scaling, normalisation over several trailing dimensions or over
+    channels, or anything else, is refused by name rather than clipped with a wrong gradient.
     """
+    kind = type(module).__name__
+    refuse = (f"module '{name}' ({kind}) looks like a norm layer but {{}}, so its per-example gradient "
+              "cannot be derived exactly. Freeze its parameters or register a handler with "
+              "privtune.dp.layers.register_layer.")
+    if isinstance(module, COUPLED_NORMS):
+        raise UnsupportedLayerError(refuse.format("normalises over the batch or over channels, not over each "
+                                                  "example's last dimension"))
     w = module.weight
-    x = torch.randn(2, 3, w.shape[0], dtype=w.dtype, device=w.device)
-    with torch.no_grad():
-        got = module(x)
-        base = _affine_norm_parts(module, x)
-        want = w * base + (module.bias if getattr(module, "bias", None) is not None else 0)
+    if w.dim() != 1:
+        raise UnsupportedLayerError(refuse.format(f"its weight has shape {tuple(w.shape)}: normalisation over "
+                                                  "several trailing dimensions is not supported"))
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    params = {"weight": torch.randn(w.shape, generator=gen).to(w)}
+    if getattr(module, "bias", None) is not None:
+        params["bias"] = torch.randn(module.bias.shape, generator=gen).to(module.bias)
+    x = torch.randn(2, 3, w.shape[0], generator=gen).to(w)
+    try:
+        with torch.no_grad():
+            got = torch.func.functional_call(module, params, (x,))
+            want = params["weight"] * _affine_norm_parts(module, x) + params.get("bias", 0)
+    except (RuntimeError, ValueError, TypeError) as err:
+        raise UnsupportedLayerError(refuse.format(f"fails on an input of shape (2, 3, {w.shape[0]}) ({err})"))
     if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-4, atol=1e-5):
-        raise UnsupportedLayerError(
-            f"module '{name}' ({type(module).__name__}) looks like a norm layer but does not compute "
-            "weight * normalise(x) + bias, so its per-example gradient cannot be derived exactly. "
-            "Freeze its parameters or register a handler with privtune.dp.layers.register_layer."
-        )
+        raise UnsupportedLayerError(refuse.format("does not compute weight * normalise(x) + bias"))
 
 
 def needs_probe(module: nn.Module) -> bool:
-    return find_handler(module) is affine_norm and not isinstance(module, nn.LayerNorm)
+    return find_handler(module) is affine_norm
