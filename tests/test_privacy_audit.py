@@ -260,3 +260,24 @@ def test_empirical_epsilon_bound():
     assert empirical_epsilon([0.0] * 32, [1.0] * 32, 0.5, 1e-5) > 2.0  # perfect separation
     assert empirical_epsilon([1.0] * 32, [1.0] * 32, 0.5, 1e-5) == 0.0  # none
     assert empirical_epsilon([0.0] * 16 + [1.0] * 16, [0.0] * 16 + [1.0] * 16, 0.5, 1e-5) == 0.0
+
+
+def test_the_audit_checks_the_child_tuning_mask_the_run_used(tiny_models, tmp_path):
+    """A CT_D run under DP: its mask file's hash and the events it carries are what the run composed."""
+    from privtune.childtuning.fisher import compute_mask_file
+
+    write_jsonl(tmp_path / "train.jsonl", SST)
+    mask = tmp_path / "mask.pt"
+    compute_mask_file(tiny_models / "bert", tmp_path / "train.jsonl", mask, "classification", 2, 0.3, batch_size=8,
+                      max_length=32, source="dp", fisher_epsilon=1.0, delta=1e-3)
+    s = RunSettings(kind="classification", epsilon=3.0, delta=1e-3, batch_size=8, physical_batch_size=8, steps=2,
+                    max_length=32, child="ct_d")
+    run(s, tiny_models / "bert", tmp_path / "train.jsonl", tmp_path / "run", mask_file=mask, progress=False)
+    privacy = tmp_path / "run/privacy.json"
+    assert audit_run(privacy)["ok"], audit_run(privacy)["problems"]
+    rep = read_json(privacy)
+    write_json(privacy, {**rep, "events": [e for e in rep["events"] if e["label"] != "dp_fisher"]})
+    assert any("dp_fisher" in p or "did not compose" in p for p in audit_run(privacy)["problems"])
+    write_json(privacy, rep)
+    _append(mask, {"extra": 1})  # the mask file is not the one trained with
+    assert any("changed since training" in p for p in audit_run(privacy)["problems"])

@@ -121,6 +121,22 @@ def _check_log(report: dict, run_dir: Path) -> list[str]:
     return []
 
 
+def _check_mask_file(mask: dict, events: list[dict]) -> list[str]:
+    """The Child-Tuning_D mask file is the one the run used (its SHA-256), and every privacy event it
+    carries is among the events the run composed into its ε."""
+    path = Path(mask.get("file", ""))
+    if not path.exists():
+        return [f"the Child-Tuning_D mask {path} is missing: its hash and events cannot be checked"]
+    if mask.get("sha256") and file_sha256(path) != mask["sha256"]:
+        return [f"the Child-Tuning_D mask {path} changed since training (SHA-256 differs from the record)"]
+    import torch
+
+    carried = torch.load(path, map_location="cpu", weights_only=False).get("privacy_events", [])
+    missing = [e for e in carried if e not in events]
+    return [f"the Child-Tuning_D mask {path} carries privacy events the run did not compose: {missing}"] if missing \
+        else []
+
+
 def _check_mechanisms(report: dict, settings: dict) -> list[str]:
     problems = []
     if report.get("sampling") != "poisson":
@@ -138,6 +154,7 @@ def _check_mechanisms(report: dict, settings: dict) -> list[str]:
                             "without noise: no recorded event covers it")
         elif mask.get("source") == "dp" and not any(e.get("label") == "dp_fisher" for e in report["events"]):
             problems.append(f"the DP Fisher mask {mask.get('file')} has no dp_fisher event among the composed ones")
+        problems += _check_mask_file(mask, report["events"])
     return problems
 
 

@@ -110,6 +110,7 @@ def _fisher_mask_record(mask_file: Path | None, mask_info: dict | None, private:
     info = mask_info or {}
     source = info.get("source", "train")
     record = {"file": str(mask_file), "source": source, "data": info.get("data"),
+              "sha256": file_sha256(Path(mask_file)) if Path(mask_file).exists() else None,
               "covered_by_reported_epsilon": source != "train"}
     if source == "dp":
         record["note"] = (f"DP Fisher at ε_F = {info.get('fisher_epsilon')} (σ_F = {info.get('noise_multiplier')}), "
