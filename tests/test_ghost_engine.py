@@ -450,3 +450,28 @@ def test_an_initialised_one_plus_weight_norm_is_refused():
     norm = GemmaStyleNorm(4)  # weight 0: (1 + w) = 1 passes a probe at the layer's own parameters
     with pytest.raises(UnsupportedLayerError, match="GemmaStyleNorm"):
         GhostClipEngine(Wrap(nn.Linear(3, 4), norm), clip_norm=1.0)
+
+
+class MaskPositions(nn.Embedding):
+    """OPT's learned positions: called with the attention mask, it computes the rows it reads."""
+
+    def forward(self, attention_mask):
+        return super().forward((attention_mask.cumsum(1) * attention_mask).long())
+
+
+def test_an_embedding_that_computes_its_own_rows_is_refused_by_name():
+    model = Wrap(nn.Linear(3, 3))
+    model.pos = MaskPositions(8, 3)
+    with pytest.raises(UnsupportedLayerError, match="'pos'.*MaskPositions"):
+        GhostClipEngine(model, clip_norm=1.0)
+    model.pos.weight.requires_grad_(False)  # frozen, it is no concern of the engine
+    GhostClipEngine(model, clip_norm=1.0)
+
+
+def test_opt_is_refused_at_construction_naming_its_positions():
+    from transformers import OPTConfig, OPTForCausalLM
+
+    cfg = OPTConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
+                    max_position_embeddings=32, word_embed_proj_dim=16)
+    with pytest.raises(UnsupportedLayerError, match="embed_positions"):
+        GhostClipEngine(OPTForCausalLM(cfg), clip_norm=1.0)

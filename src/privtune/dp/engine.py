@@ -37,7 +37,8 @@ import torch
 from torch import Tensor, nn
 
 from privtune.dp.contributions import Contribution, squared_norms
-from privtune.dp.layers import Handler, UnsupportedLayerError, find_handler, needs_probe, probe_affine_norm
+from privtune.dp.layers import (Handler, UnsupportedLayerError, embedding, find_handler, needs_probe,
+                                probe_affine_norm)
 
 _HANDLED_NAMES = {"weight", "bias"}
 
@@ -119,6 +120,14 @@ class GhostClipEngine:
             handler = hooked[name]
             if needs_probe(module):
                 probe_affine_norm(module, name)
+            if handler is embedding and type(module).forward is not nn.Embedding.forward:
+                # a subclass that computes its indices itself (learned positions from an attention mask or
+                # from the ids' length): its first argument is not the rows it reads
+                raise UnsupportedLayerError(
+                    f"module '{name}' ({type(module).__qualname__}) is an nn.Embedding whose forward computes the "
+                    "rows it reads from its arguments, so the engine cannot know which row each example used. "
+                    "Freeze it (learned positions usually stay frozen under DP) or register a handler with "
+                    "privtune.dp.layers.register_layer.")
             self._layers[name] = (module, handler)
             for n, p in direct:
                 if id(p) not in seen:
