@@ -55,3 +55,12 @@ def test_calibration_brackets_small_noise_for_large_epsilon():
     sigma = calibrate_noise(50.0, 1e-5, 0.05, 50)
     assert sigma < 0.5  # not stuck at a fixed lower bound
     assert epsilon([GaussianEvent(sigma, 0.05, 50)], 1e-5) <= 50.0
+
+
+def test_epsilon_spent_so_far_grows_to_the_reported_epsilon():
+    from privtune.dp.plan import plan_privacy
+    from privtune.training.settings import RunSettings
+
+    plan = plan_privacy(RunSettings(kind="classification", epsilon=3.0, batch_size=50, steps=20), 1000)
+    spent = [plan.epsilon_after(k) for k in (0, 1, 10, 20)]
+    assert spent[0] == 0.0 and spent == sorted(spent) and spent[-1] == pytest.approx(3.0, rel=0.01)

@@ -38,6 +38,13 @@ class PrivacyPlan:
         own = [accounting.GaussianEvent(self.noise_multiplier, self.sample_rate, self.steps, "training")]
         return [*self.prior, *(own if self.private else [])]
 
+    def epsilon_after(self, steps: int, accountant: str = "rdp") -> float:
+        """ε spent once ``steps`` training steps are done (prior releases included): a function of the
+        settings alone, so it can be shown while training."""
+        done = [accounting.GaussianEvent(self.noise_multiplier, self.sample_rate, steps, "training")] if steps else []
+        events = [*self.prior, *done]
+        return accounting.epsilon(events, self.delta, accountant) if events else 0.0
+
 
 def plan_privacy(s: RunSettings, n: int, mask_source: str | None = None) -> PrivacyPlan:
     """Steps, sampling rate, δ and the calibrated σ of a run on ``n`` training examples.

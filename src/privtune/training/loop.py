@@ -264,7 +264,10 @@ def record_step(job: Job, state: dict, step: int, idx, loss: float, skip: bool, 
     state["log"].append(entry if private else {**entry, "loss": loss, "batch": int(len(idx))})
     if private and s.diagnostics:
         state["diagnostics"].append({"step": step, "loss": loss, "batch": int(len(idx))})
-    if not private or s.diagnostics:
+    if private:  # ε spent so far: a function of the settings alone, no data in it
+        bar.set_postfix(eps=f"{job.plan.epsilon_after(step + 1, s.accountant):.3g}",
+                        **({"loss": f"{loss:.4f}"} if s.diagnostics else {}))
+    else:
         bar.set_postfix(loss=f"{loss:.4f}")
     state["step"] = step + 1
 
