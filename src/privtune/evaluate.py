@@ -16,14 +16,7 @@ from privtune.io import read_json, read_jsonl, write_atomic, write_json
 from privtune.models import methods
 from privtune.models.load import default_device, load_tokenizer
 from privtune.objectives import head, objective
-
-
-PREDICTION_KEYS = ("paper", "task", "model", "method", "variant", "eps", "seed")  # a run's identity in the tables
-
-
-def predictions_file(metrics_file: Path) -> Path:
-    """Where the evaluation stage writes a run's per-example predictions: beside its metrics.json."""
-    return Path(metrics_file).with_name("predictions.json")
+from privtune.report import evidence
 
 
 def evaluate(run_dir: Path, eval_file: Path, out_file: Path, kind: str, task: str, meta: dict,
@@ -64,14 +57,14 @@ def evaluate(run_dir: Path, eval_file: Path, out_file: Path, kind: str, task: st
             mismatched = read_jsonl(mismatched_file)
             scores["accuracy_mm"] = classification_metrics(task, predict(mismatched),
                                                            [r["label"] for r in mismatched])["accuracy"]
-    # per-example predictions on the (public) evaluation set: the claims report's paired bootstrap reads them
-    write_json(predictions_file(out_file), {
-        "task": task, "run": {k: {**meta, "task": task}.get(k, "") for k in PREDICTION_KEYS}, "predictions": preds, "labels": labels})
-    from privtune.report.evidence import RunPredictions, interval
-
+    # per-example predictions on the (public) evaluation set, beside metrics.json: the claims report's paired
+    # bootstrap reads them
+    run_id = {k: {**meta, "task": task}.get(k, "") for k in evidence.RUN_KEY}
+    write_json(Path(out_file).with_name("predictions.json"),
+               {"task": task, "run": run_id, "predictions": preds, "labels": labels})
     main = tasks.task(task).main_metric
     # the headline metric's 95 % interval over the evaluation examples (the figures' error bars for one seed)
-    intervals = {main: interval(RunPredictions(task, preds, labels), main)} if main in scores else {}
+    intervals = {main: evidence.interval(evidence.RunPredictions(task, preds, labels), main)} if main in scores else {}
     privacy = read_json(run_dir / "privacy.json")
     eps = privacy.get("epsilon")
     row = {

@@ -45,7 +45,7 @@ MEMORY_RATIO = 1.2  # (e) ghost clipping's peak memory at most this times non-pr
 PARAM_TOLERANCE = 1.0  # (f) full fine-tuning at most this far below LoRA / top2
 CHILD_TOLERANCE = 1.0  # (h) CT_D at most this far below CT_F
 CHILD_TASKS = ("cola", "rte", "mrpc", "stsb")
-KEY = ["paper", "task", "model", "method", "variant", "eps", "seed"]  # a run's identity in tables and predictions
+KEY = evidence.RUN_KEY  # a run's identity in the tables and in each predictions.json
 
 
 @dataclass

@@ -32,6 +32,7 @@ from privtune.tasks import TASKS
 REPLICATES = 2000  # bootstrap replicates for metrics computed in closed form (accuracy, F1, MCC, Pearson)
 SLOW_REPLICATES = 200  # for corpus-level generation metrics (each replicate rescores the corpus)
 LEVEL = 0.95
+RUN_KEY = ("paper", "task", "model", "method", "variant", "eps", "seed")  # a run's identity, as in the tables
 SEED = 0  # the bootstrap's own generator: the report is reproducible
 
 
