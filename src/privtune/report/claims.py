@@ -174,18 +174,17 @@ def _noise_regime(g: pd.DataFrame) -> str:
 def _pair(ev: Evidence, key: str, a: pd.DataFrame, b: pd.DataFrame, threshold: float, what: str,
           need: dict[str, pd.DataFrame]) -> Test:
     """``a − b > threshold`` once every group in ``need`` ({label: runs}) has learned."""
-    not_learned = []
+    not_learned, learned = [], []
     for label, g in need.items():
         ok, line = ev.learned(g, label)
-        if not ok:
-            not_learned.append(line)
+        (learned if ok else not_learned).append(line)
     if not_learned:
         return Test(UNTESTABLE, f"{what}: not testable, did not learn beyond the interval — " + "; ".join(not_learned))
     c = ev.compare(a, b)
     if c is None:
         return Test(UNTESTABLE, f"{what}: no per-example predictions")
     return Test(outcome(c, threshold), f"{what}: {c.a:.2f} vs {c.b:.2f}, {c.text()}; rule: > {threshold:g} → "
-                                       f"{outcome(c, threshold)}")
+                                       f"{outcome(c, threshold)}" + (f". Learned: {'; '.join(learned)}" if learned else ""))
 
 
 def _main(df: pd.DataFrame) -> pd.DataFrame:
@@ -221,7 +220,8 @@ def claim_a(ev: Evidence, bench=None) -> Verdict:
             else:
                 o = outcome(c, -DP_GAP)
                 tests.append(Test(o, f"{what}: {c.a:.2f} vs {c.b:.2f}, {c.text()}; rule: > {-DP_GAP:g} → {o}"
-                                     + (f"; {_noise_regime(dp)}" if o != HOLDS else "")))
+                                     + (f"; {_noise_regime(dp)}" if o != HOLDS else "")
+                                     + f". Both learned: {dp_line}; {np_line}"))
     return combine("a", tests, "needs full fine-tuning at ε = 8 or 3 beside a non-private run (same task, model, "
                                "objective)", "DP is more than the gap below non-private")
 
