@@ -162,7 +162,7 @@ def test_gpu_claims_never_share_a_device(tmp_path, monkeypatch):
     assert gpus.claim(0) == [] and gpus.visible_gpus() == ["0", "1"]
     first = gpus.claim(1, devices=["0", "1"], lock_dir=tmp_path)
     # another process cannot take the locked GPU
-    code = ("import sys; from privtune import gpus; "
+    code = ("import sys; from privtune.training import gpus; "
             f"print(gpus.claim(1, devices=['0', '1'], lock_dir={str(tmp_path)!r}, timeout_s=0))")
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert first == ["0"] and other.stdout.strip() == "['1']"
