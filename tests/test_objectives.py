@@ -153,6 +153,43 @@ def test_ghost_clipping_is_exact_under_the_similarity_loss(float64):
     check_exact(model, lambda: similarity.per_example_loss(model, batch))
 
 
+@pytest.mark.parametrize("anchors", ["fixed", "live"])
+def test_ghost_clipping_is_exact_under_the_similarity_loss_with_either_anchors(float64, anchors):
+    tok = byte_tokenizer("bert")
+    torch.manual_seed(5)
+    cfg = tiny_config("bert", vocab_size=len(tok), pad_token_id=tok.pad_token_id)
+    model = AutoModel.from_config(cfg, add_pooling_layer=False, dtype=torch.float64).eval()
+    obj = objective("classification", "sst2", "prompt", 2, {"family": "similarity", "anchors": anchors})
+    obj.prepare(model, tok, "cpu")
+    assert (similarity.fixed_anchors(model) is not None) == (anchors == "fixed")
+    batch = obj.collate(obj.encode(tok, RECORDS, 32), tok.pad_token_id, "cpu")
+    check_exact(model, lambda: obj.loss(model, batch))
+
+
+def test_fixed_anchors_stay_where_the_prepared_encoder_put_them(tmp_path):
+    """Taken once before training, kept while the encoder moves, saved for the evaluation; the live cosine
+    of the descriptions is what the training log records."""
+    tok = byte_tokenizer("bert")
+    model = tiny("bert", AutoModel, tok, dtype=torch.float32).train()
+    obj = objective("classification", "sst2", "prompt", 2, {"family": "similarity"})
+    obj.prepare(model, tok, "cpu")
+    before = similarity.fixed_anchors(model).clone()
+    cos0 = obj.step_record(model, tok, "cpu")["anchor_cosine"]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    torch.testing.assert_close(similarity.fixed_anchors(model), before)  # unmoved
+    assert obj.step_record(model, tok, "cpu")["anchor_cosine"] != cos0  # the live embeddings moved
+    batch = obj.collate(obj.encode(tok, RECORDS, 32), tok.pad_token_id, "cpu")
+    model.eval()  # no dropout: the two forward passes below are one function
+    x = similarity.embed(model, batch["input_ids"], batch["attention_mask"])
+    torch.testing.assert_close(similarity.logits(model, batch), x @ before.T / 0.05)
+    obj.save(model, tmp_path)
+    fresh = tiny("bert", AutoModel, tok, seed=1, dtype=torch.float32)
+    obj.prepare(fresh, tok, "cpu", tmp_path)  # an evaluation reads the anchors the run trained against
+    torch.testing.assert_close(similarity.fixed_anchors(fresh), before)
+
+
 # -- length-sorted physical batches ----------------------------------------------------------
 def test_physical_batches_respect_both_limits_and_keep_every_example():
     lengths = [5, 50, 7, 12, 3, 49, 8, 8, 20]

@@ -99,21 +99,24 @@ def embed(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, **model_i
     return F.normalize(pooled.to(torch.promote_types(pooled.dtype, torch.float32)), dim=-1)
 
 
-ANCHORS = ("fixed", "live")
 ANCHORS_FILE = "label_anchors.pt"  # the fixed label embeddings, in the run's model folder
 _ATTR = "privtune_label_anchors"  # where a model holds its fixed label embeddings
 
 
 @torch.no_grad()
-def label_embeddings(model: nn.Module, label_ids, pad_id: int, device) -> Tensor:
-    """The label descriptions' embeddings (num_labels, d) under the model's current parameters: eval
-    mode, no gradient (constants of a step: no training example reaches them)."""
+def _frozen_embed(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """Embeddings in eval mode and without gradient: constants of a step (no training example reaches them)."""
     was_training = model.training
     model.eval()
-    ids, mask = pad_right([Encoded(list(t), None) for t in label_ids], pad_id)
-    out = embed(model, ids.to(device), mask.to(device))
+    out = embed(model, input_ids, attention_mask)
     model.train(was_training)
     return out
+
+
+def label_embeddings(model: nn.Module, label_ids, pad_id: int, device) -> Tensor:
+    """The label descriptions' embeddings (num_labels, d) under the model's current parameters."""
+    ids, mask = pad_right([Encoded(list(t), None) for t in label_ids], pad_id)
+    return _frozen_embed(model, ids.to(device), mask.to(device))
 
 
 def fix_anchors(model: nn.Module, anchors: Tensor) -> None:
@@ -135,11 +138,7 @@ def anchor_cosine(anchors: Tensor) -> float:
 def logits(model: nn.Module, batch: dict, temperature: float = TEMPERATURE) -> Tensor:
     labels = fixed_anchors(model)
     if labels is None:  # prompt.anchors: live
-        was_training = model.training
-        with torch.no_grad():  # constants of the step: no training example reaches them (module docstring)
-            model.eval()
-            labels = embed(model, batch["label_input_ids"], batch["label_attention_mask"])
-            model.train(was_training)
+        labels = _frozen_embed(model, batch["label_input_ids"], batch["label_attention_mask"])
     x = embed(model, batch["input_ids"], batch["attention_mask"])
     return x @ labels.to(x.dtype).T / temperature
 
