@@ -310,10 +310,10 @@ def claim_f(ev: Evidence, bench=None) -> Verdict:
             continue
         best = max(small, key=lambda m: _mean(small[m]))
         what = f"{task} · {model} · ε={eps}: full − {best} (the best of {', '.join(small)})"
-        learned = [ev.learned(x, m)[0] for m, x in (("full", full), (best, small[best]))]
-        if not any(learned):  # equal because nothing moved: no test of the number of parameters
-            lines = [ev.learned(x, m)[1] for m, x in (("full", full), (best, small[best]))]
-            tests.append(Test(UNTESTABLE, f"{what}: not testable, neither learned — " + "; ".join(lines)))
+        checks = [ev.learned(x, m) for m, x in (("full", full), (best, small[best]))]
+        if not any(ok for ok, _ in checks):  # equal because nothing moved: no test of the number of parameters
+            tests.append(Test(UNTESTABLE, f"{what}: not testable, neither learned — "
+                              + "; ".join(line for _, line in checks)))
             continue
         tests.append(_pair(ev, "f", full, small[best], -PARAM_TOLERANCE, what, {}))
     return combine("f", tests, "needs full fine-tuning beside LoRA, prefix or top2 under DP",
