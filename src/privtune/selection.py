@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from privtune import tasks
+from privtune.dp import guarantee
 from privtune.io import write_json, write_jsonl
 
 SEED = 12345  # the carve's generator
@@ -59,7 +60,7 @@ def select(task: str, model_dir: Path, records: list[dict], val_size: int, base:
         train_file = work / f"train_{i}.jsonl"
         write_jsonl(train_file, rest[:size] if size else rest)
         s = {"kind": info["kind"], "num_labels": info["num_labels"], "task": task, **base, **cand}
-        s.setdefault("sampling", "poisson" if s.get("epsilon") else "shuffle")
+        s["sampling"] = guarantee.sampling_scheme(s.get("sampling"), s.get("epsilon") is not None)
         out = work / f"run_{i}"
         trained = run(RunSettings(**s), model_dir, train_file, out, progress=False)
         row = evaluate(out, work / "validation.jsonl", out / "metrics.json", info["kind"], task,
