@@ -121,17 +121,25 @@ def _check_log(report: dict, run_dir: Path) -> list[str]:
     return []
 
 
+@functools.lru_cache(maxsize=64)
+def _mask_facts(name: str, _stat: tuple) -> tuple[str, list]:
+    """(SHA-256, privacy events) of a Child-Tuning_D mask file, read once however many runs name it
+    (``_stat`` as in :func:`_file_facts`)."""
+    import torch
+
+    return file_sha256(Path(name)), torch.load(name, map_location="cpu", weights_only=False).get("privacy_events", [])
+
+
 def _check_mask_file(mask: dict, events: list[dict]) -> list[str]:
     """The Child-Tuning_D mask file is the one the run used (its SHA-256), and every privacy event it
     carries is among the events the run composed into its ε."""
     path = Path(mask.get("file", ""))
     if not path.exists():
         return [f"the Child-Tuning_D mask {path} is missing: its hash and events cannot be checked"]
-    if mask.get("sha256") and file_sha256(path) != mask["sha256"]:
+    st = path.stat()
+    sha, carried = _mask_facts(str(path), (st.st_size, st.st_mtime_ns))
+    if mask.get("sha256") and sha != mask["sha256"]:
         return [f"the Child-Tuning_D mask {path} changed since training (SHA-256 differs from the record)"]
-    import torch
-
-    carried = torch.load(path, map_location="cpu", weights_only=False).get("privacy_events", [])
     missing = [e for e in carried if e not in events]
     return [f"the Child-Tuning_D mask {path} carries privacy events the run did not compose: {missing}"] if missing \
         else []

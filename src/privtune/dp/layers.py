@@ -199,7 +199,8 @@ def probe_affine_norm(module: nn.Module, name: str) -> None:
             got = torch.func.functional_call(module, params, (x,))
             want = params["weight"] * _affine_norm_parts(module, x) + params.get("bias", 0)
     except (RuntimeError, ValueError, TypeError) as err:
-        raise UnsupportedLayerError(refuse.format(f"fails on an input of shape (2, 3, {w.shape[0]}) ({err})"))
+        raise UnsupportedLayerError(refuse.format(f"fails on an input of shape (2, 3, {w.shape[0]}) ({err})")) \
+            from err
     if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-4, atol=1e-5):
         raise UnsupportedLayerError(refuse.format("does not compute weight * normalise(x) + bias"))
 
