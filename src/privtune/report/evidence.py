@@ -104,14 +104,22 @@ def score(run: RunPredictions, metric: str, idx: np.ndarray) -> np.ndarray:
                                         metrics=(metric,))[metric] for i in idx])
 
 
+def _replicates(task: str, given: int | None) -> int:
+    """``given``, else fewer replicates for generation metrics (each replicate rescores the corpus)."""
+    return given or (SLOW_REPLICATES if TASKS[task].kind == "table2text" else REPLICATES)
+
+
+def _bounds(values: np.ndarray) -> tuple[float, float]:
+    """The :data:`LEVEL` percentile interval of bootstrap values."""
+    alpha = (1 - LEVEL) / 2
+    return float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))
+
+
 def interval(run: RunPredictions, metric: str, replicates: int | None = None, seed: int = SEED
              ) -> tuple[float, float]:
     """The :data:`LEVEL` bootstrap interval of one run's ``metric`` over its evaluation examples."""
-    slow = TASKS[run.task].kind == "table2text"
-    reps = replicates or (SLOW_REPLICATES if slow else REPLICATES)
-    values = score(run, metric, np.random.default_rng(seed).integers(0, run.n, size=(reps, run.n)))
-    alpha = (1 - LEVEL) / 2
-    return float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))
+    reps = _replicates(run.task, replicates)
+    return _bounds(score(run, metric, np.random.default_rng(seed).integers(0, run.n, size=(reps, run.n))))
 
 
 def constant_predictions(run: RunPredictions) -> RunPredictions:
@@ -170,8 +178,7 @@ def compare(a: list[RunPredictions], b: list[RunPredictions], metric: str, repli
     if any(r.n != n for r in [*a, *b]):
         raise ValueError(f"the runs compared were evaluated on different numbers of examples: "
                          f"{sorted({r.n for r in [*a, *b]})}")
-    slow = TASKS[a[0].task].kind == "table2text"
-    reps = replicates or (SLOW_REPLICATES if slow else REPLICATES)
+    reps = _replicates(a[0].task, replicates)
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, n, size=(reps, n))
     full = np.arange(n)[None, :]
@@ -188,7 +195,6 @@ def compare(a: list[RunPredictions], b: list[RunPredictions], metric: str, repli
 
     pa, ba = group(a)
     pb, bb = group(b)
-    d = ba - bb
-    alpha = (1 - LEVEL) / 2
-    return Comparison(float(pa.mean() - pb.mean()), float(np.quantile(d, alpha)), float(np.quantile(d, 1 - alpha)),
-                      float(pa.mean()), float(pb.mean()), (len(a), len(b)), _spread(pa), _spread(pb), reps, n)
+    low, high = _bounds(ba - bb)
+    return Comparison(float(pa.mean() - pb.mean()), low, high, float(pa.mean()), float(pb.mean()),
+                      (len(a), len(b)), _spread(pa), _spread(pb), reps, n)
