@@ -16,7 +16,7 @@ from privtune.training import checkpoint
 from privtune.training import distributed
 from privtune.dp import sampling
 from privtune.io import read_json, write_jsonl
-from privtune.dp.plan import noise_seed
+from privtune.dp.rng import secret_root
 from privtune.training.loop import DIAGNOSTICS, RunSettings, run
 
 TEXTS = ["a great film", "dull and slow", "wonderful acting", "a mess", "loved it", "boring", "superb", "awful"]
@@ -172,7 +172,7 @@ def test_secure_noise_is_drawn_once_for_all_ranks(setup):
     root, model = setup
     s = RunSettings(**{**asdict(_settings("dp", 2)), "steps": 2, "secure_noise": True})
     res = run(s, model, root / "train.jsonl", root / "secure", progress=False)
-    assert res["privacy"]["noise_rng"].startswith("seeded from the operating system")
+    assert res["privacy"]["noise_rng"].startswith("keyed by 128 bits from the operating system")
     assert res["train"]["world_size"] == 2
 
 
@@ -183,7 +183,7 @@ def _helpers_then_fail_on_rank_1(out):
     """Each rank: agree on a secure seed, sum gradients (missing ones count as zeros) and numbers;
     rank 0 writes what it got; then rank 1 fails while rank 0 waits for it in a collective."""
     rank = dist.get_rank()
-    seed = distributed.broadcast_seed(noise_seed(0, secure=True), torch.device("cpu"))
+    seed = distributed.broadcast_seed(secret_root(0, secure=True), torch.device("cpu"))
     seeds = [None, None]
     dist.all_gather_object(seeds, seed)
     a, b, c = (torch.nn.Parameter(torch.zeros(3)) for _ in range(3))
@@ -206,6 +206,7 @@ def test_helpers_and_a_failing_rank_in_two_processes(tmp_path):
         distributed.launch(_helpers_then_fail_on_rank_1, 2, (tmp_path,))
     assert e.value.rank == 1
     got = json.loads((tmp_path / "helpers.json").read_text())
-    assert got["seeds"][0] == got["seeds"][1]  # secure_noise: rank 0's seed, on every rank
+    assert got["seeds"][0] == got["seeds"][1]  # secure_noise: rank 0's 128-bit root, on every rank
+    assert got["seeds"][0].bit_length() > 64  # all 128 bits cross (below 2**64 with probability 2**-64)
     assert got["a"] == [3.0] * 3 and got["b"] == [1.0] * 3 and got["c_none"]
     assert got["total"] == [1.5, 3.0]

@@ -210,6 +210,47 @@ def test_noise_uses_the_whole_seed():
     assert not torch.equal(a[0], b[0])
 
 
+def test_a_runs_noise_is_keyed_by_its_root_and_step_alone():
+    """In a run the noise of step t is a function of (secret root, t): reproducible, different at every
+    step and for roots that differ only in their top bits (secure_rng draws 128), and unrelated to the CT_F
+    mask generator, which depends on the run's seed only (masks are visible in released iterates)."""
+    from privtune.dp import rng
+    from privtune.dp.noise import NOISE_CHUNK
+
+    def noise(root, step, shape=(NOISE_CHUNK + 100,)):
+        p = nn.Parameter(torch.zeros(shape))
+        p.grad = torch.zeros_like(p)
+        norm = privatize_([p], 1.0, 1.0, 1.0, key=rng.noise_key(root, step))
+        return p.grad, norm
+
+    a, na = noise(7, 0)
+    assert torch.equal(a, noise(7, 0)[0]) and na == pytest.approx(float(a.norm()), rel=1e-5)
+    assert not torch.equal(a, noise(7, 1)[0])
+    big = 2**127 + 7
+    assert not torch.equal(noise(big, 0)[0], noise(big - 2**100, 0)[0])
+    assert abs(float(torch.corrcoef(torch.stack([a, noise(8, 0)[0]]))[0, 1])) < 0.02
+    with pytest.raises(ValueError, match="a generator or a key"):
+        privatize_([nn.Parameter(torch.zeros(3))], 1.0, 1.0, 1.0, torch.Generator(), key=rng.noise_key(7, 0))
+    m1, m2 = rng.mask_generator(3, "cpu"), rng.mask_generator(3, "cpu")
+    assert torch.equal(torch.rand(16, generator=m1), torch.rand(16, generator=m2))
+    assert not torch.equal(torch.rand(16, generator=rng.mask_generator(3, "cpu")),
+                           torch.rand(16, generator=rng.mask_generator(4, "cpu")))
+    assert rng.from_words(rng.words(big)) == big
+    with pytest.raises(ValueError, match="below 2\\*\\*128"):
+        rng.words(2**128)
+
+
+def test_the_poisson_sampler_takes_a_128_bit_root():
+    from privtune.dp import rng, sampling
+
+    root = rng.secret_root(0, secure=True)
+    first = [idx for _, idx in sampling.logical_batches(1000, 50, 3, root)]
+    again = [idx for _, idx in sampling.logical_batches(1000, 50, 3, root)]
+    other = [idx for _, idx in sampling.logical_batches(1000, 50, 3, root ^ (1 << 120))]
+    assert all(np.array_equal(x, y) for x, y in zip(first, again))
+    assert not all(np.array_equal(x, y) for x, y in zip(first, other))
+
+
 def test_other_gradient_dtypes_get_the_same_noise():
     """A float64 (and bf16) gradient gets the float32 draw of a float32 gradient, cast."""
     shapes = [(1000,), (33, 7)]

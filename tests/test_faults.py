@@ -96,8 +96,8 @@ class Crash(Exception):
 def _crash_after_checkpoint(monkeypatch, at_step: int):
     real = checkpoint.save
 
-    def save(folder, state, fp):
-        real(folder, state, fp)
+    def save(folder, state, fp, **kw):
+        real(folder, state, fp, **kw)
         if state["step"] == at_step:
             raise Crash(f"simulated crash after the checkpoint at step {at_step}")
 
@@ -152,6 +152,32 @@ def test_resume_is_exact_and_only_for_the_same_run(tmp_path, tiny_models, sst_fi
     res = run(_dp(), bert, sst_file, tmp_path / "c", progress=False)
     assert res["train"]["segments"] == [{"start": 0, "stop": 10}]
     assert _same_weights(tmp_path / "c", tmp_path / "ref")
+
+
+def test_a_stopped_secure_run_says_where_its_secret_root_is_and_resumes_with_it(tmp_path, tiny_models, sst_file,
+                                                                                 monkeypatch, capsys):
+    """secure_rng: the checkpoint holds the 128-bit root of the noise and the batches. A run that stops says
+    so (the file, and what to do); state.json says so too; the resumed run draws from the same root (its
+    segments continue) and deletes the checkpoint when it finishes."""
+    with monkeypatch.context() as m:
+        _crash_after_checkpoint(m, 6)
+        with pytest.raises(Crash):
+            run(_dp(secure_rng=True), tiny_models / "bert", sst_file, tmp_path / "s", progress=False)
+    err = capsys.readouterr().err
+    assert str(tmp_path / "s/checkpoint" / checkpoint.STATE) in err and "secret root" in err
+    assert "secret root" in checkpoint.info(tmp_path / "s/checkpoint")["secret"]
+    root = torch.load(tmp_path / "s/checkpoint" / checkpoint.STATE, weights_only=False)["root"]
+    assert root.bit_length() > 64  # 128 bits from the OS (below 2**64 with probability 2**-64)
+    res = run(_dp(secure_rng=True), tiny_models / "bert", sst_file, tmp_path / "s", progress=False)
+    assert res["train"]["segments"] == [{"start": 0, "stop": 6}, {"start": 6, "stop": 10}]
+    assert not (tmp_path / "s/checkpoint").exists()
+    # a non-secure run stops without the warning, and its state.json has no secret
+    with monkeypatch.context() as m:
+        _crash_after_checkpoint(m, 3)
+        with pytest.raises(Crash):
+            run(_dp(), tiny_models / "bert", sst_file, tmp_path / "p", progress=False)
+    assert "secret root" not in capsys.readouterr().err
+    assert "secret" not in checkpoint.info(tmp_path / "p/checkpoint")
 
 
 # ----------------------------------------------------------------------------- non-finite losses

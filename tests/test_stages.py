@@ -283,6 +283,7 @@ def test_secure_rng_draws_the_poisson_batches_from_the_os_too(tmp_path, tiny_mod
         reps[name] = run(s, tiny_models / "bert", tmp_path / "train.jsonl", tmp_path / name,
                          progress=False)["privacy"]
     assert seen[2] == seen[3] == 7 and seen[0] != 7 and seen[1] != 7 and seen[0] != seen[1]
+    assert seen[0].bit_length() > 64 and seen[1].bit_length() > 64  # 128 OS bits (probability 2**-64 of failing)
     assert [reps[k]["secure_rng"] for k in "abcd"] == [True, True, False, False]
     assert "not recoverable" in reps["a"]["sampler_rng"] and "secure_rng: true" in reps["c"]["sampler_rng"]
     assert "ε covers" in reps["a"]["covers"]

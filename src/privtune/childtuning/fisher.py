@@ -122,7 +122,8 @@ def compute_mask_file(model_dir, train_file, out_file, kind: str, num_labels: in
     from privtune.dp import accounting
     from privtune.io import read_jsonl, torch_save
     from privtune.models.load import default_device, load_for_task, load_tokenizer
-    from privtune.dp.plan import noise_rng_record, noise_seed
+    from privtune.dp import rng
+    from privtune.dp.plan import noise_rng_record
 
     if source not in FISHER_SOURCES:
         raise ValueError(f"child.fisher_source must be one of {FISHER_SOURCES}, got {source!r}")
@@ -145,9 +146,9 @@ def compute_mask_file(model_dir, train_file, out_file, kind: str, num_labels: in
         delta = accounting.default_delta(n) if delta == "auto" else float(delta)
         event = dp_fisher_event(fisher_epsilon, delta)
         sigma = event.noise_multiplier
-        gen = torch.Generator(device=device).manual_seed(noise_seed(seed + 2, secure_noise))
+        key = rng.fisher_key(rng.secret_root(seed, secure_noise))
         singles = (tasks.collate([e], tok.pad_token_id, kind, device) for e in data)
-        scores = dp_fisher_information(model, singles, loss_fn, is_encoder_layer, fisher_clip, sigma, gen)
+        scores = dp_fisher_information(model, singles, loss_fn, is_encoder_layer, fisher_clip, sigma, key)
         events = [asdict(event)]
         d = sum(t.numel() for t in scores.values())
         info.update(fisher_epsilon=fisher_epsilon, delta=delta, noise_multiplier=sigma, clip=fisher_clip,

@@ -11,19 +11,22 @@ from __future__ import annotations
 
 from typing import Callable, Iterable
 
+import numpy as np
 import torch
 from torch import nn
 
 from privtune.dp import accounting
+from privtune.dp.noise import standard_normal
 
 
 def dp_fisher_information(model: nn.Module, examples: Iterable, loss_fn: Callable, select: Callable[[str], bool],
-                          clip: float, noise_multiplier: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
+                          clip: float, noise_multiplier: float, key: np.random.SeedSequence) -> dict[str, torch.Tensor]:
     """``{name: Σ_i clip_C(g_i)² + N(0, (σ·C²)²)}``, shifted to be non-negative (order kept).
 
     ``examples`` yields batches of **one** example each; ``g_i`` is that example's
     gradient over the selected parameters, clipped to norm ``clip`` jointly.
-    The scores are unnormalised: the mask depends on their order only.
+    The scores are unnormalised: the mask depends on their order only. The noise is drawn from
+    ``key``'s streams (:func:`privtune.dp.rng.fisher_key`), one per selected tensor.
     """
     params = {n: p for n, p in model.named_parameters() if p.requires_grad and select(n)}
     if not params:
@@ -43,8 +46,8 @@ def dp_fisher_information(model: nn.Module, examples: Iterable, loss_fn: Callabl
             total[n] += (g * factor).pow(2)
     model.zero_grad(set_to_none=True)
     std = noise_multiplier * clip ** 2
-    for n, t in total.items():
-        t += torch.randn(t.shape, generator=generator, device=generator.device, dtype=t.dtype).to(t.device) * std
+    for i, t in enumerate(total.values()):
+        t += standard_normal(t.numel(), key, i).view(t.shape).to(t.device) * std
     low = min(float(t.min()) for t in total.values())
     return {n: t - low for n, t in total.items()}
 

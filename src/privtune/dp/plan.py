@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import platform
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,28 +70,17 @@ def plan_privacy(s: RunSettings, n: int, mask_source: str | None = None) -> Priv
     return PrivacyPlan(True, n, batch_size, steps, q, delta, sigma, scheme, prior, unaccounted)
 
 
-def noise_seed(seed: int, secure: bool) -> int:
-    """A generator's seed: ``seed`` (reproducible) or 63 fresh bits from the OS (``secure``)."""
-    return secrets.randbits(63) if secure else seed
-
-
-def mask_seed(seed: int) -> int:
-    """CT_F's mask stream: a seed derived from the run's seed by NumPy's SeedSequence, independent of the
-    noise's and the sampler's streams (which the masks, visible in the released iterates, must not reveal)."""
-    import numpy as np
-
-    return int(np.random.SeedSequence([seed, 2]).generate_state(1, np.uint64)[0] >> 1)
-
-
 def noise_rng_record(secure: bool) -> str:
-    return ("seeded from the operating system's entropy (os.urandom); the seed is not recorded" if secure else
+    return ("keyed by 128 bits from the operating system's entropy (secrets.randbits), kept only in the checkpoint "
+            "while the run lasts; the key is not recorded (privtune.dp.rng)" if secure else
             "seeded from the run's seed: reproducible, but anyone who knows the seed can regenerate the noise "
             "and remove it. Not for a real release: set train.secure_rng: true")
 
 
 def sampler_rng_record(secure: bool) -> str:
-    return ("Poisson batches drawn with a seed from the operating system's entropy, kept only in the checkpoint "
-            "(deleted when the run finishes): which examples were in which batch is not recoverable" if secure else
+    return ("Poisson batches drawn from the same 128 secret bits from the operating system, kept only in the "
+            "checkpoint (deleted when the run finishes): which examples were in which batch is not recoverable"
+            if secure else
             "Poisson batches drawn from the run's seed: anyone who knows it knows which examples were in each "
             "batch, which the subsampling amplification credited in ε assumes secret. Not for a real release: "
             "set train.secure_rng: true")

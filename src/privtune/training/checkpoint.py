@@ -3,10 +3,11 @@ uninterrupted run with the same seed would.
 
 A checkpoint is one file, ``{run_dir}/checkpoint/state.pt``, written atomically, that
 holds everything the rest of the run depends on: model and optimizer state, the
-learning-rate schedule, every random number generator (dropout, Poisson sampling
-is a pure function of (seed, step), the noise generator), the next step, the
-training log so far and the run's noise multiplier. A small ``state.json`` beside it
-(step, pid, fingerprint) lets a person or a test see progress without loading it.
+learning-rate schedule, the stateful random number generators (dropout, CT_F's masks), the
+secret root that the noise and the Poisson batches are pure functions of (with the step:
+:mod:`privtune.dp.rng`), the next step, the training log so far and the run's noise
+multiplier. A small ``state.json`` beside it (step, pid, fingerprint, and whether the state
+holds a secure_rng run's secret root) lets a person or a test see progress without loading it.
 
 The checkpoint folder is not a Snakemake output, so it survives a failed job; the
 run deletes it once its outputs are written. A checkpoint is only resumed when its
@@ -29,6 +30,7 @@ import torch
 from privtune.io import read_json, torch_save, write_json
 
 STATE, INFO = "state.pt", "state.json"
+FORMAT = 2  # in the fingerprint: a checkpoint of another layout (another set of random streams) is not resumed
 _UNHASHED_SETTINGS = ("threads", "checkpoint_every", "checkpoint_minutes")  # don't change the result
 
 
@@ -45,7 +47,7 @@ def fingerprint(settings: dict, train_file: Path, model_dir: Path, mask_file: Pa
     size and modification time (hashing gigabytes at every start would be slow), so
     a re-prepared model never resumes an old checkpoint.
     """
-    h = hashlib.sha256()
+    h = hashlib.sha256(f"checkpoint format {FORMAT}".encode())
     h.update(json.dumps({k: v for k, v in settings.items() if k not in _UNHASHED_SETTINGS},
                         sort_keys=True, default=str).encode())
     _file_digest(Path(train_file), h)
@@ -59,8 +61,9 @@ def fingerprint(settings: dict, train_file: Path, model_dir: Path, mask_file: Pa
 
 
 def rng_state(generator: torch.Generator) -> dict:
-    """Every generator a run draws from; on a GPU only the current device's (a data-parallel rank
-    touching the others would open a CUDA context on each)."""
+    """Every stateful generator a run draws from (the global ones, for dropout, and ``generator``: CT_F's masks;
+    the noise and the batches are functions of the secret root and the step); on a GPU only the current
+    device's (a data-parallel rank touching the others would open a CUDA context on each)."""
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "generator": generator.get_state(),
             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
 
@@ -74,11 +77,15 @@ def set_rng_state(state: dict, generator: torch.Generator) -> None:
         torch.cuda.set_rng_state(cuda[0] if isinstance(cuda, (list, tuple)) else cuda)  # older: one per device
 
 
-def save(folder: Path, state: dict, fp: str) -> None:
-    """Write ``state`` (with ``state["step"]`` the next step to run) atomically."""
+def save(folder: Path, state: dict, fp: str, secret: bool = False) -> None:
+    """Write ``state`` (with ``state["step"]`` the next step to run) atomically. ``secret``: the state holds a
+    secure_rng run's secret root, which ``state.json`` then says (readable without loading the state)."""
     folder = Path(folder)
     torch_save({**state, "fingerprint": fp}, folder / STATE)
-    write_json(folder / INFO, {"step": state["step"], "pid": os.getpid(), "fingerprint": fp})
+    write_json(folder / INFO, {"step": state["step"], "pid": os.getpid(), "fingerprint": fp,
+                               **({"secret": f"{STATE} holds the secret root of this secure_rng run's noise and "
+                                             "batches: resume the run to finish it, or delete this folder"}
+                                  if secret else {})})
 
 
 def load(folder: Path, fp: str, log=print) -> dict | None:

@@ -260,9 +260,11 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 
 
 def broadcast_seed(seed: int, device: torch.device) -> int:
-    """Rank 0's ``seed`` on every rank (unchanged without a process group)."""
+    """Rank 0's ``seed`` (up to 128 bits: a secure run's root) on every rank (unchanged without a process group)."""
     if not is_initialized():
         return seed
-    t = torch.tensor([seed], dtype=torch.int64, device=device)
+    from privtune.dp import rng
+
+    t = torch.tensor(rng.words(seed), dtype=torch.int64, device=device)
     dist.broadcast(t, src=0)
-    return int(t.item())
+    return rng.from_words(t.tolist())

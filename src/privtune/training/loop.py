@@ -30,6 +30,7 @@ import argparse
 import contextlib
 import math
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,10 +40,10 @@ import torch
 from tqdm.auto import tqdm
 
 from privtune.childtuning import mask as child
-from privtune.dp import sampling
+from privtune.dp import rng, sampling
 from privtune.dp.engine import GhostClipEngine
 from privtune.dp.noise import privatize_
-from privtune.dp.plan import PrivacyPlan, mask_seed, noise_seed, plan_privacy, privacy_record, versions
+from privtune.dp.plan import PrivacyPlan, plan_privacy, privacy_record, versions
 from privtune.io import atomic_dir, read_json, read_jsonl, write_json
 from privtune.models import methods
 from privtune.models.load import default_device, load_tokenizer
@@ -105,8 +106,7 @@ class Job:
     engine: GhostClipEngine | None
     opt: torch.optim.Optimizer
     sched: object
-    gen: torch.Generator  # the noise: the same on every rank
-    mask_gen: torch.Generator  # CT_F's masks, a stream of its own (the same on every rank)
+    mask_gen: torch.Generator  # CT_F's masks: the public root's stream (the same on every rank; privtune.dp.rng)
     masks: dict | None  # CT_D's fixed mask
     mask_info: dict | None
     device: torch.device
@@ -138,12 +138,10 @@ def setup(s: RunSettings, model, obj, tok, train_file: Path, mask_file: Path | N
     params = engine.params if engine else [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(s.optimizer, params, s.lr, s.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(s, plan.steps))
-    gen = torch.Generator(device=device).manual_seed(
-        distributed.broadcast_seed(noise_seed(s.seed + 1, s.secure_rng), device))
-    # CT_F's masks show in the released iterates (masked coordinates do not move), so they come from a stream
-    # independent of the noise's: what they reveal of their generator says nothing about the noise
-    mask_gen = torch.Generator(device=device).manual_seed(mask_seed(s.seed))
-    return Job(s, plan, obj, tok, model, data, [len(e.input_ids) for e in data], params, engine, opt, sched, gen,
+    # CT_F's masks show in the released iterates (masked coordinates do not move), so they come from the
+    # public root: what they reveal of their generator says nothing about the noise or the batches
+    mask_gen = rng.mask_generator(s.seed, device)
+    return Job(s, plan, obj, tok, model, data, [len(e.input_ids) for e in data], params, engine, opt, sched,
                mask_gen, masks, mask_info, device, rank, world)
 
 
@@ -193,7 +191,7 @@ def train_step(job: Job, state: dict, step: int, idx) -> tuple[float, bool]:
             state["grad_norms"].append(math.sqrt(sum(float(p.grad.float().pow(2).sum()) for p in params
                                                      if p.grad is not None)) / plan.batch_size)
         state["noise_norms"].append(privatize_(params, plan.noise_multiplier, s.clip_norm, plan.batch_size,
-                                               job.gen))  # 3. noise, and the division by the expected B
+                                               key=rng.noise_key(state["root"], step)))  # 3. noise, ÷ expected B
     loss = losses_sum / max(1, count)
     if _skip_update(job, step, loss):
         job.opt.zero_grad(set_to_none=True)
@@ -230,9 +228,10 @@ def _skip_update(job: Job, step: int, loss: float) -> bool:
 def new_state(job: Job) -> dict:
     return {"step": 0, "log": [], "diagnostics": [], "noise_norms": [], "grad_norms": [], "skipped": [],
             "verified": False, "segments": [], "seconds": 0.0,
-            # which examples join each batch: from the run's seed, or (secure_rng) from the OS, then only here
-            "sampler_seed": distributed.broadcast_seed(noise_seed(job.s.seed, job.s.secure_rng and job.plan.private),
-                                                       job.device)}
+            # the secret root of the noise and of the batches (privtune.dp.rng): the run's seed, or (secure_rng)
+            # 128 bits from the OS, rank 0's on every rank, then only here and in the checkpoint
+            "root": distributed.broadcast_seed(rng.secret_root(job.s.seed, job.s.secure_rng and job.plan.private),
+                                               job.device)}
 
 
 def resume(job: Job, ckpt_dir: Path, fp: str, state: dict) -> dict:
@@ -246,9 +245,7 @@ def resume(job: Job, ckpt_dir: Path, fp: str, state: dict) -> dict:
     job.model.load_state_dict(resumed["model"])
     job.opt.load_state_dict(resumed["optimizer"])
     job.sched.load_state_dict(resumed["scheduler"])
-    checkpoint.set_rng_state(resumed["rng"], job.gen)
-    if "mask_rng" in resumed:  # a checkpoint written before CT_F had its own stream has none
-        job.mask_gen.set_state(resumed["mask_rng"])
+    checkpoint.set_rng_state(resumed["rng"], job.mask_gen)
     if job.main:
         print(f"resuming from checkpoint {ckpt_dir} at step {resumed['step']} of {job.plan.steps}", flush=True)
     return {k: resumed.get(k, state[k]) for k in state}
@@ -276,9 +273,23 @@ def save_checkpoint(job: Job, ckpt_dir: Path, fp: str, state: dict, start: int, 
     segments = [*state["segments"][:-1], {"start": start, "stop": state["step"]}]
     checkpoint.save(ckpt_dir, {**state, "segments": segments, "seconds": state["seconds"] + seconds,
                                "model": job.model.state_dict(), "optimizer": job.opt.state_dict(),
-                               "scheduler": job.sched.state_dict(), "rng": checkpoint.rng_state(job.gen),
-                               "mask_rng": job.mask_gen.get_state(),
-                               "noise_multiplier": job.plan.noise_multiplier}, fp)
+                               "scheduler": job.sched.state_dict(), "rng": checkpoint.rng_state(job.mask_gen),
+                               "noise_multiplier": job.plan.noise_multiplier}, fp,
+                    secret=job.s.secure_rng and job.plan.private)
+
+
+@contextlib.contextmanager
+def _secret_left_behind(job: Job, ckpt_dir: Path):
+    """A secure run that stops with a checkpoint says where its secret root is (never silently left)."""
+    try:
+        yield
+    except BaseException:
+        if job.main and job.s.secure_rng and job.plan.private and (ckpt_dir / checkpoint.STATE).exists():
+            print(f"this secure_rng run stopped; {ckpt_dir / checkpoint.STATE} holds its secret root (the 128 bits "
+                  "its noise and Poisson batches are drawn from): anyone who reads it can recompute the noise and "
+                  f"subtract it from a released model. Rerun to resume and finish (the run then deletes it), or "
+                  f"delete {ckpt_dir}.", file=sys.stderr, flush=True)
+        raise
 
 
 def write_outputs(job: Job, state: dict, out_dir: Path, mask_file, train_file, elapsed: float) -> dict:
@@ -347,21 +358,22 @@ def run(settings: RunSettings, model_dir: Path, train_file: Path, out_dir: Path,
     model.train()
     t0 = last_ckpt = time.monotonic()
     batches = sampling.logical_batches(job.plan.dataset_size, job.plan.batch_size, job.plan.steps,
-                                       state["sampler_seed"], job.plan.sampling, start=start)
+                                       state["root"], job.plan.sampling, start=start)
     bar = tqdm(batches, total=job.plan.steps, initial=start, disable=not (progress and job.main), unit="step",
                desc=f"{'DP ε=%g' % s.epsilon if job.plan.private else 'non-private'} {s.child}")
-    for step, idx in bar:
-        loss, skip = train_step(job, state, step, idx)
-        if world > 1 and step == start:
-            distributed.check_replicas(job.params)  # early: the ranks took the same first step
-        job.sched.step()
-        record_step(job, state, step, idx, loss, skip, bar)
-        now = time.monotonic()
-        due = ((s.checkpoint_every and state["step"] % s.checkpoint_every == 0)
-               or (s.checkpoint_minutes and now - last_ckpt >= 60 * s.checkpoint_minutes))
-        if due and state["step"] < job.plan.steps and job.main:
-            save_checkpoint(job, ckpt_dir, fp, state, start, now - t0)
-            last_ckpt = now
+    with _secret_left_behind(job, ckpt_dir):
+        for step, idx in bar:
+            loss, skip = train_step(job, state, step, idx)
+            if world > 1 and step == start:
+                distributed.check_replicas(job.params)  # early: the ranks took the same first step
+            job.sched.step()
+            record_step(job, state, step, idx, loss, skip, bar)
+            now = time.monotonic()
+            due = ((s.checkpoint_every and state["step"] % s.checkpoint_every == 0)
+                   or (s.checkpoint_minutes and now - last_ckpt >= 60 * s.checkpoint_minutes))
+            if due and state["step"] < job.plan.steps and job.main:
+                save_checkpoint(job, ckpt_dir, fp, state, start, now - t0)
+                last_ckpt = now
     elapsed = state["seconds"] + time.monotonic() - t0
     if world > 1:
         distributed.check_replicas(job.params)  # before any output is written
