@@ -21,7 +21,8 @@ def test_run_settings_repeat_the_schema_training_defaults():
     from privtune.training.settings import RunSettings
 
     schema = _defaults(SCHEMA["properties"]["train_defaults"]["properties"])
-    fields = {f.name: f.default for f in dataclasses.fields(RunSettings)}
+    fields = {f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+              for f in dataclasses.fields(RunSettings)}
     assert set(schema) == set(SCHEMA["$defs"]["train"]["properties"]), "every training key has its default"
     assert {k: fields[k] for k in schema} == schema
     child = _defaults(EXPERIMENT["child"]["properties"])

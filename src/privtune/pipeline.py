@@ -327,7 +327,7 @@ def fisher_settings(config: dict, task: str, model: str, source: str, p_d: float
                       "max_length": config["datasets"][data_task]["max_length"], "seed": seed,
                       "threads": config.get("threads"), "source": fisher_source(e),
                       "fisher_epsilon": child.get("fisher_epsilon"), "fisher_clip": child["fisher_clip"],
-                      "delta": train["delta"],
+                      "mode": child["fisher_mode"], "delta": train["delta"],
                       "secure_noise": bool(train["secure_rng"] or train["secure_noise"])})
 
 

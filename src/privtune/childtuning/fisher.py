@@ -2,8 +2,10 @@
 
 The empirical Fisher of each parameter is estimated over one pass of the
 training set: the squared gradient of each batch's loss, averaged over batches.
-As in the official Child-Tuning code, each tensor's gradient is clipped to
-norm ``clip`` (1.0) before squaring.
+As in the official Child-Tuning code (AliceMind ChildTuning/ChildTuningD.py,
+``calculate_fisher``), each tensor's gradient is clipped to norm ``clip`` (1.0)
+before squaring, and the model is in train mode (dropout on; ``child.fisher_mode:
+eval`` turns it off).
 
 Three sources of the mask (``child.fisher_source``):
 
@@ -42,14 +44,15 @@ FISHER_SOURCES = ("train", "public", "dp")
 
 
 def fisher_information(model: nn.Module, batches: Iterable, loss_fn: Callable, select: Callable[[str], bool],
-                       clip: float | None = 1.0) -> dict[str, torch.Tensor]:
-    """``{name: mean over batches of clip(grad)²}`` for trainable parameters with ``select(name)``."""
+                       clip: float | None = 1.0, mode: str = "train") -> dict[str, torch.Tensor]:
+    """``{name: mean over batches of clip(grad)²}`` for trainable parameters with ``select(name)``, the
+    model in ``mode`` (``train``: dropout on, as the official code; ``eval``: off)."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad and select(n)}
     if not params:
         raise ValueError("no parameter is selected for the Fisher mask (check the model's layer names)")
     fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
     count = 0
-    model.eval()  # dropout off: the estimate should not depend on dropout masks
+    _set_mode(model, mode)
     for batch in batches:
         model.zero_grad(set_to_none=True)
         loss_fn(model, batch).mean().backward()
@@ -67,6 +70,15 @@ def fisher_information(model: nn.Module, batches: Iterable, loss_fn: Callable, s
     if count == 0:
         raise ValueError("no batches: the Fisher estimate needs training data")
     return {n: f / count for n, f in fisher.items()}
+
+
+FISHER_MODES = ("train", "eval")
+
+
+def _set_mode(model: nn.Module, mode: str) -> None:
+    if mode not in FISHER_MODES:
+        raise ValueError(f"child.fisher_mode must be one of {FISHER_MODES}, got {mode!r}")
+    model.train(mode == "train")
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -111,6 +123,7 @@ def mask_density(masks: dict[str, torch.Tensor]) -> float:
 def compute_mask_file(model_dir, train_file, out_file, kind: str, num_labels: int, p_d: float,
                       batch_size: int = 16, max_length: int = 128, seed: int = 0, threads: int | None = None,
                       source: str = "train", fisher_epsilon: float | None = None, fisher_clip: float = 1.0,
+                      mode: str = "train",
                       delta: float | str = "auto", secure_noise: bool = False) -> dict:
     """The ``fisher_mask`` rule: Fisher over one pass of ``train_file``, top-p_D encoder-layer mask, saved.
 
@@ -134,7 +147,8 @@ def compute_mask_file(model_dir, train_file, out_file, kind: str, num_labels: in
     tok = load_tokenizer(model_dir)
     model = load_for_task(model_dir, kind, num_labels).to(device)
     data = tasks.encode(tok, read_jsonl(train_file), kind, max_length)
-    info = {"p_d": p_d, "source": source, "data": str(train_file), "model": str(model_dir), "seed": seed,
+    info = {"p_d": p_d, "source": source, "mode": mode, "data": str(train_file), "model": str(model_dir),
+            "seed": seed,
             "examples": len(data), "private": source == "dp"}
     events = []
 
@@ -148,6 +162,7 @@ def compute_mask_file(model_dir, train_file, out_file, kind: str, num_labels: in
         sigma = event.noise_multiplier
         key = rng.fisher_key(rng.secret_root(seed, secure_noise))
         singles = (tasks.collate([e], tok.pad_token_id, kind, device) for e in data)
+        _set_mode(model, mode)
         scores = dp_fisher_information(model, singles, loss_fn, is_encoder_layer, fisher_clip, sigma, key)
         events = [asdict(event)]
         d = sum(t.numel() for t in scores.values())
@@ -158,7 +173,7 @@ def compute_mask_file(model_dir, train_file, out_file, kind: str, num_labels: in
     else:
         batches = (tasks.collate(data[i: i + batch_size], tok.pad_token_id, kind, device)
                    for i in range(0, len(data), batch_size))
-        scores = fisher_information(model, batches, loss_fn, is_encoder_layer)
+        scores = fisher_information(model, batches, loss_fn, is_encoder_layer, mode=mode)
     masks = top_fraction_mask(scores, p_d)
     info.update(density=mask_density(masks), parameters=sum(m.numel() for m in masks.values()))
     torch_save({"masks": {n: m.cpu() for n, m in masks.items()}, "info": info, "privacy_events": events}, out_file)

@@ -25,14 +25,14 @@ def dp_fisher_information(model: nn.Module, examples: Iterable, loss_fn: Callabl
 
     ``examples`` yields batches of **one** example each; ``g_i`` is that example's
     gradient over the selected parameters, clipped to norm ``clip`` jointly.
-    The scores are unnormalised: the mask depends on their order only. The noise is drawn from
+    The scores are unnormalised: the mask depends on their order only. The model stays in the mode
+    the caller set (dropout's draws are not data: they change nothing in the sensitivity). The noise is drawn from
     ``key``'s streams (:func:`privtune.dp.rng.fisher_key`), one per selected tensor.
     """
     params = {n: p for n, p in model.named_parameters() if p.requires_grad and select(n)}
     if not params:
         raise ValueError("no parameter is selected for the Fisher mask (check the model's layer names)")
     total = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
-    model.eval()
     for batch in examples:
         model.zero_grad(set_to_none=True)
         loss = loss_fn(model, batch)

@@ -136,7 +136,8 @@ def setup(s: RunSettings, model, obj, tok, train_file: Path, mask_file: Path | N
     plan = plan_privacy(s, len(data), (mask_info or {}).get("source", "train") if masks is not None else None)
     engine = GhostClipEngine(model, s.clip_norm, mode=s.clipping_mode) if plan.private else None
     params = engine.params if engine else [p for p in model.parameters() if p.requires_grad]
-    opt = build_optimizer(s.optimizer, params, s.lr, s.weight_decay)
+    opt = build_optimizer(s.optimizer, params, s.lr, s.weight_decay, no_decay=s.no_decay,
+                          names={id(p): n for n, p in model.named_parameters(remove_duplicate=False)})
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(s, plan.steps))
     # CT_F's masks show in the released iterates (masked coordinates do not move), so they come from the
     # public root: what they reveal of their generator says nothing about the noise or the batches
@@ -177,7 +178,7 @@ def clip_and_sum(job: Job, shard, batch_len: int, state: dict) -> tuple[float, i
 
 def train_step(job: Job, state: dict, step: int, idx) -> tuple[float, bool]:
     """One optimizer step, in the privacy-critical order: clip (each example) and sum → all-reduce across
-    ranks → noise → (check the privatized gradient) → Child-Tuning mask → step. Returns the batch's mean
+    ranks → noise → (check the privatized gradient, clip its total norm if asked) → Child-Tuning mask → step. Returns the batch's mean
     loss (a data statistic: under DP no decision reads it) and whether the update was skipped."""
     s, plan, params = job.s, job.plan, job.params
     if job.world > 1:
@@ -196,6 +197,8 @@ def train_step(job: Job, state: dict, step: int, idx) -> tuple[float, bool]:
     if _skip_update(job, step, loss):
         job.opt.zero_grad(set_to_none=True)
         return loss, True
+    if s.max_grad_norm:  # the whole batch gradient's norm (Hugging Face Trainer's max_grad_norm); post-processing
+        torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
     kept = (child.ct_f_mask_(params, s.p_f, job.mask_gen, return_masks=s.child_strict) if s.child == "ct_f" else
             child.fixed_mask_(job.model, job.masks) if s.child == "ct_d" else [])  # 4. mask
     saved = child.snapshot(kept) if s.child_strict else []

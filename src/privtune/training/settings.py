@@ -27,6 +27,8 @@ class RunSettings:
     lr: float = 5e-4
     optimizer: str = "adam"
     weight_decay: float = 0.0
+    no_decay: list = field(default_factory=lambda: ["bias", "LayerNorm.weight"])  # names weight decay skips
+    max_grad_norm: float | None = None  # clip the whole (privatized) batch gradient to this norm before the step
     lr_schedule: str = "constant"  # constant | linear
     warmup_ratio: float = 0.0
     max_length: int = 128

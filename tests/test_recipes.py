@@ -1,0 +1,170 @@
+"""The authors' recipes: weight decay that skips bias and LayerNorm, the whole-gradient clip, the Fisher
+pass's mode, and config/paper.yaml resolved run by run against the settings of the authors' code."""
+import copy
+
+import pytest
+import torch
+import yaml
+from snakemake.utils import validate
+from torch import nn
+
+from conftest import ROOT
+from privtune.childtuning.fisher import fisher_information
+from privtune.pipeline import expand_runs, fisher_settings, fisher_source_token, run_settings
+from privtune.training.optim import build_optimizer
+from privtune.training.settings import RunSettings
+
+SCHEMA = str(ROOT / "workflow/schemas/config.schema.yaml")
+SST = [{"text_a": t, "text_b": None, "label": i % 2} for i, t in enumerate(
+    ["a great film", "dull and slow", "wonderful acting", "a mess", "loved it", "boring", "superb", "awful"] * 4)]
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.dense = nn.Linear(4, 4)
+        self.LayerNorm = nn.LayerNorm(4)
+        self.dropout = nn.Dropout(0.5)
+
+    def forward(self, x):
+        return self.LayerNorm(self.dropout(self.dense(x)))
+
+
+def test_weight_decay_skips_bias_and_layernorm_weights():
+    """A zero gradient and AdamW: only the decayed group shrinks."""
+    torch.manual_seed(0)
+    m = Block()
+    names = {id(p): n for n, p in m.named_parameters()}
+    opt = build_optimizer("adamw", m.parameters(), lr=0.1, weight_decay=0.5, names=names,
+                          no_decay=["bias", "LayerNorm.weight"])
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    for p in m.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    moved = {n for n, p in m.named_parameters() if not torch.equal(p, before[n])}
+    assert moved == {"dense.weight"}
+    # without the exemption every parameter decays
+    opt = build_optimizer("adamw", m.parameters(), lr=0.1, weight_decay=0.5, names=names, no_decay=[])
+    for p in m.parameters():
+        p.grad = torch.zeros_like(p)
+    before = {n: p.detach().clone() for n, p in m.named_parameters() if n != "LayerNorm.bias"}
+    opt.step()
+    assert all(not torch.equal(p, before[n]) for n, p in m.named_parameters() if n in before)
+
+
+def test_the_whole_gradient_clip_bounds_the_step(tmp_path, tiny_models):
+    """max_grad_norm: with SGD at lr 1, one step moves the parameters by at most the clip."""
+    from safetensors.torch import load_file
+
+    from privtune.io import write_jsonl
+    from privtune.training.loop import run
+
+    write_jsonl(tmp_path / "train.jsonl", SST)
+    bert = tiny_models / "bert"
+
+    def moved(**kw):
+        s = RunSettings(kind="classification", batch_size=16, physical_batch_size=16, steps=1, lr=1.0,
+                        optimizer="sgd", max_length=32, sampling="shuffle", **kw)
+        out = tmp_path / str(kw)
+        run(s, bert, tmp_path / "train.jsonl", out, progress=False)
+        start = load_file(next(bert.glob("*.safetensors")))  # the prepared weights (no head, no pooler)
+        end = load_file(next((out / "model").glob("*.safetensors")))
+        common = [k for k in end if k in start]
+        assert len(common) > 10
+        return sum(float((end[k] - start[k]).pow(2).sum()) for k in common) ** 0.5
+
+    assert moved(max_grad_norm=1e-3) <= 1e-3 * 1.001
+    assert moved() > 1e-2
+
+
+def test_the_fisher_pass_runs_in_the_mode_asked():
+    """train: dropout on (Xu et al.'s calculate_fisher), reproducible under a seed; eval: off."""
+    def scores(mode, seed=0):
+        torch.manual_seed(0)
+        m = Block()
+        torch.manual_seed(seed)
+        batches = [torch.randn(8, 4) for _ in range(3)]
+        return fisher_information(m, batches, lambda mod, b: mod(b).pow(2).mean(1), lambda n: True, mode=mode)
+
+    a, b, e = scores("train"), scores("train"), scores("eval")
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert not all(torch.equal(a[n], e[n]) for n in a)
+    with pytest.raises(ValueError, match="fisher_mode"):
+        scores("inference")
+
+
+# ------------------------------------------------------------------------------------ config/paper.yaml
+
+@pytest.fixture(scope="module")
+def paper():
+    cfg = yaml.safe_load(open(ROOT / "config/paper.yaml"))
+    validate(cfg, SCHEMA)  # fills the schema's defaults
+    return cfg
+
+
+def _runs(cfg, experiment):
+    runs = [r for r in expand_runs(cfg) if r.experiment == experiment]
+    assert runs, experiment
+    return [(r, run_settings(cfg, r)) for r in runs]
+
+
+@pytest.mark.parametrize("experiment,batch,epochs", [("li2022-glue", 1000, 3), ("li2022-qnli", 2000, 6),
+                                                     ("li2022-mnli", 6000, 18), ("li2022-qqp", 6000, 18)])
+def test_paper_li_classification_is_the_authors_recipe(paper, experiment, batch, epochs):
+    """run_wrapper.py@03f651f: B = 1,000 × factor, 3 × factor epochs, lr 5e-4, linear decay, no warm-up,
+    no weight decay, C = 0.1, DP and non-private alike; the prompt objective."""
+    for r, s in _runs(paper, experiment):
+        assert (s["batch_size"], s["epochs"], s["lr"], s["lr_schedule"]) == (batch, epochs, 5e-4, "linear"), r
+        assert s["warmup_ratio"] == 0 and s["weight_decay"] == 0 and s["objective"] == "prompt"
+        assert s["sampling"] == ("poisson" if r.private else "shuffle")
+        if r.private:
+            assert s["clip_norm"] == 0.1 and s["optimizer"] == "adam"
+
+
+def test_paper_label_words_and_templates_are_the_authors(paper):
+    """run_classification.py@178acf1: lower-case label words; run_wrapper.py's QQP template."""
+    from privtune.objectives.templates import mlm_spec
+
+    want = {"li2022-glue": ("*cls**sent_0*_It_was*mask*.*sep+*", ("terrible", "great")),
+            "li2022-qnli": ("*cls**sent-_0*?*mask*,*+sentl_1**sep+*", ("yes", "no")),
+            "li2022-mnli": ("*cls**sent-_0*?*mask*,*+sentl_1**sep+*", ("yes", "maybe", "no")),
+            "li2022-qqp": ("*cls**sent-_0**mask*,*+sentl_1**sep+*", ("no", "yes"))}
+    for experiment, (template, words) in want.items():
+        for r, s in _runs(paper, experiment):
+            spec = mlm_spec(r.task, s["prompt"])
+            assert (spec.template, tuple(spec.label_words)) == (template, words), experiment
+
+
+def test_paper_child_tuning_is_the_authors_recipe(paper):
+    """AliceMind ChildTuning (run.sh, ChildTuningD.py @c17b177; issue #28 for p_F / p_D)."""
+    per_task = {"cola": (0.2, 0.2), "rte": (0.3, 0.3), "mrpc": (0.4, 0.1), "stsb": (0.2, 0.2)}
+    seen = set()
+    for task, (p_f, p_d) in per_task.items():
+        for r, s in _runs(paper, f"xu2021-{task}"):
+            assert (s["batch_size"], s["epochs"], s["max_length"]) == (16, 3, 128)
+            assert (s["optimizer"], s["lr_schedule"], s["warmup_ratio"], s["weight_decay"]) == (
+                "adamw", "linear", 0.1, 0.01)
+            assert s["no_decay"] == ["bias", "LayerNorm.weight"] and s["max_grad_norm"] == 1.0
+            assert s["sampling"] == "shuffle"
+            if r.method == "ct_f":
+                assert s["p_f"] == p_f
+            if r.method == "ct_d":
+                e = r.exp(paper)
+                f = fisher_settings(paper, task, r.model, fisher_source_token(e), e["child"]["p_d"], r.seed)
+                assert (f["p_d"], f["mode"], f["batch_size"], f["source"]) == (p_d, "train", 16, "train")
+            seen.add((task, r.method))
+    assert len(seen) == 12
+
+
+def test_paper_preset_without_the_recipe_fails_these_checks(paper):
+    """The checks above can fail: the Xu runs without max_grad_norm, or with the constant lr, are caught."""
+    cfg = copy.deepcopy(paper)
+    for e in cfg["experiments"]:
+        if e["name"].startswith("xu2021"):
+            e["train"] = {**e["train"], "max_grad_norm": None}
+    with pytest.raises(AssertionError):
+        test_paper_child_tuning_is_the_authors_recipe(cfg)
+    cfg = copy.deepcopy(paper)
+    next(e for e in cfg["experiments"] if e["name"] == "li2022-qnli")["train"]["lr_schedule"] = "constant"
+    with pytest.raises(AssertionError):
+        test_paper_li_classification_is_the_authors_recipe(cfg, "li2022-qnli", 2000, 6)
