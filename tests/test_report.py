@@ -41,7 +41,46 @@ def li_files(tmp_path):
     return files
 
 
-def test_tables_in_the_papers_layouts_with_published_values_beside_ours(li_files, tmp_path):
+PUBLISHED_HEADER = "paper,table,arxiv,task,model,method,epsilon,metric,value,checked,source\n"
+
+
+@pytest.fixture
+def published_dir(tmp_path, monkeypatch):
+    """A published-values folder of made-up test numbers (never a paper's): two checked, one not."""
+    folder = tmp_path / "published"
+    folder.mkdir()
+    (folder / "li2022.csv").write_text(PUBLISHED_HEADER + "".join(
+        f"li2022,Table 9,0000.00000v1,e2e,gpt2,full,{eps},bleu,{v},{checked},test value\n"
+        for eps, v, checked in [("3", 11.5, "yes"), ("8", 22.5, "yes"), ("inf", 33.5, "no")]))
+    (folder / "xu2021.csv").write_text(PUBLISHED_HEADER)
+    monkeypatch.setenv("PRIVTUNE_PUBLISHED_DIR", str(folder))
+    return folder
+
+
+def test_published_values_name_their_table_and_arxiv_version(published_dir):
+    """A row without its table or arXiv version, or with checked other than yes/no, is refused naming the
+    file and line; an unchecked value is marked."""
+    good = (published_dir / "li2022.csv").read_text()
+    assert tables.published("li2022").checked.tolist() == [True, True, False]
+    for bad, col in (("li2022,,0000.00000v1,e2e,gpt2,full,3,bleu,1.0,yes,x", "table"),
+                     ("li2022,Table 9,,e2e,gpt2,full,3,bleu,1.0,yes,x", "arxiv"),
+                     ("li2022,Table 9,0000.00000v1,e2e,gpt2,full,3,bleu,1.0,maybe,x", "checked")):
+        (published_dir / "li2022.csv").write_text(good + bad + "\n")
+        with pytest.raises(ValueError, match=rf"li2022.csv, line\(s\) \[5\]: column '{col}'"):
+            tables.published("li2022")
+    (published_dir / "li2022.csv").write_text("paper,task,value\nli2022,e2e,1.0\n")
+    with pytest.raises(ValueError, match="missing columns"):
+        tables.published("li2022")
+
+
+def test_the_shipped_published_values_all_carry_their_provenance(monkeypatch):
+    monkeypatch.delenv("PRIVTUNE_PUBLISHED_DIR", raising=False)
+    for paper in ("li2022", "xu2021"):
+        df = tables.published(paper)  # refuses a row without table, arXiv version or checked
+        assert list(df.columns) == tables.PUBLISHED_COLUMNS
+
+
+def test_tables_in_the_papers_layouts_with_published_values_beside_ours(li_files, tmp_path, published_dir):
     df = tables.write_tables(li_files, "li2022", tmp_path / "t.md", tmp_path / "t.csv", tmp_path / "t.tex")
     md, tex = (tmp_path / "t.md").read_text(), (tmp_path / "t.tex").read_text()
     # mean ± sd over the two ε=3 seeds (80, 84) in the classification table
@@ -51,10 +90,11 @@ def test_tables_in_the_papers_layouts_with_published_values_beside_ours(li_files
     assert set(cls.source) == {"ours"}  # no verified published SST-2 number in the repository
     e2e = tables.paper_table(df, "li2022", tables.LAYOUTS["li2022"][1])
     paper_rows = e2e[e2e.source == "paper"]
-    # the published E2E BLEU (GPT-2, full: 61.52 / 63.19 / 69.46) beside ours, on the paper's model
-    assert list(paper_rows["E2E BLEU"]) == ["61.52", "63.19", "69.46"]
+    # the published E2E BLEU (the fixture's test values) beside ours, on the paper's model; unchecked marked
+    assert list(paper_rows["E2E BLEU"]) == ["11.5", "22.5", "33.5" + tables.UNCHECKED_MARK]
+    assert tables.UNCHECKED_NOTE in md
     assert list(e2e[e2e.source == "ours"]["E2E BLEU"]) == ["55.00", "58.00", "64.00"]
-    assert r"\begin{tabular}" in tex and r"$\pm$" in tex and r"$\varepsilon$" in tex and "61.52" in tex
+    assert r"\begin{tabular}" in tex and r"$\pm$" in tex and r"$\varepsilon$" in tex and "22.5" in tex
     # the sweep's grid points stay out of the paper tables and the summary, and get their own section
     assert len(tables.main_runs(df)[tables.main_runs(df).task == "sst2"]) == 4
     assert "Grid points" in md and set(df.variant) == {"", "bs~32_lr~0.0001", "bs~32_lr~0.001",

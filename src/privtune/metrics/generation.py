@@ -4,7 +4,7 @@
 references per hypothesis, following the official E2E NLG Challenge evaluation script
 (``tuetschek/e2e-metrics``, ``measure_scores.py``), which runs NIST mteval-v13a for
 BLEU/NIST and the MS-COCO caption scorers (``pycocoevalcap``) for METEOR, ROUGE-L and
-CIDEr.  Scales are those in which papers report E2E results (e.g. BLEU 63.19):
+CIDEr.  Scales are those in which papers report E2E results (BLEU on 0-100):
 
 =========  ========  ===================================================================
 metric     scale     implementation

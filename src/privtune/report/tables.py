@@ -2,13 +2,21 @@
 the papers' own table layouts (Markdown, CSV and LaTeX).
 
 Scales follow the papers: accuracy, F1, MCC and correlations in percent; BLEU,
-METEOR and ROUGE-L on 0-100; NIST and CIDEr raw. Published values are kept as
-data in ``privtune/published/{paper}.csv``, each with its source (paper, table).
+METEOR and ROUGE-L on 0-100; NIST and CIDEr raw.
+
+Published values are data, never typed into code: ``privtune/published/{paper}.csv`` (or the
+folder ``PRIVTUNE_PUBLISHED_DIR`` names), one row per number with the columns of
+:data:`PUBLISHED_COLUMNS`: the paper's table (``Table 2``) and the arXiv version it was read from
+(``2110.05679v<k>``), and ``checked`` (yes / no: whether a person has compared the value with that
+table). A row without its table or arXiv version is refused; an unchecked value is shown with
+:data:`UNCHECKED_MARK`.
 """
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from importlib.resources import files
 
 import pandas as pd
@@ -21,7 +29,12 @@ COLUMNS = ["task", "model", "method", "objective", "variant", "batch_size", "lr"
            "metric", "ours", "ci_low", "ci_high",
            "epsilon_spent", "noise_multiplier", "train_batch_size", "dataset_size", "trainable_parameters",
            "noise_norm", "guarantee_holds",
-           "published", "published_model", "published_source"]
+           "published", "published_model", "published_source", "published_checked"]
+PUBLISHED_COLUMNS = ["paper", "table", "arxiv", "task", "model", "method", "epsilon", "metric", "value", "checked",
+                     "source"]
+UNCHECKED_MARK = "?"
+UNCHECKED_NOTE = (f"{UNCHECKED_MARK} a published value that no person has yet compared with the table it names "
+                  "(column `checked` of the published CSV).")
 METHOD_ORDER = ["zeroshot", "full", "lora", "rgp", "prefix", "top2", "retrain", "vanilla", "ct_f", "ct_d"]
 METRIC_ORDER = ["accuracy", "accuracy_mm", "f1", "mcc", "pearson", "spearman",
                 "bleu", "nist", "meteor", "rouge_l", "cider"]
@@ -54,11 +67,37 @@ LAYOUTS = {
 }
 
 
+def published_dir() -> Path:
+    return Path(os.environ.get("PRIVTUNE_PUBLISHED_DIR") or str(files("privtune") / "published"))
+
+
 def published(paper: str) -> pd.DataFrame:
-    path = files("privtune") / "published" / f"{paper}.csv"
-    df = pd.read_csv(path, dtype={"epsilon": str})
+    """The paper's published values (empty when none are entered), checked for their provenance."""
+    path = published_dir() / f"{paper}.csv"
+    if not path.exists():
+        return pd.DataFrame(columns=PUBLISHED_COLUMNS)
+    df = pd.read_csv(path, dtype={"epsilon": str, "table": str, "arxiv": str, "checked": str})
+    missing = [c for c in PUBLISHED_COLUMNS if c not in df.columns]
+    if missing:
+        raise ValueError(f"{path}: missing columns {missing}; the columns are {', '.join(PUBLISHED_COLUMNS)} "
+                         "(README, 'Published numbers')")
+    for col, what in (("table", "the paper's table it was read from (e.g. Table 2)"),
+                      ("arxiv", "the arXiv version it was read from (e.g. 2110.05679v2)")):
+        bad = [i + 2 for i, v in enumerate(df[col]) if not isinstance(v, str) or not v.strip()]
+        if bad:
+            raise ValueError(f"{path}, line(s) {bad}: column {col!r} is empty; every published value names "
+                             f"{what}. Fill it in, or remove the row")
+    bad = [i + 2 for i, v in enumerate(df.checked) if str(v).strip().lower() not in ("yes", "no")]
+    if bad:
+        raise ValueError(f"{path}, line(s) {bad}: column 'checked' must be yes (a person compared the value with "
+                         "its table) or no")
+    df["checked"] = df.checked.str.strip().str.lower() == "yes"
     df["epsilon"] = df["epsilon"].map(lambda e: "inf" if str(e) == "inf" else f"{float(e):g}")
     return df
+
+
+def _published_text(value: float, checked: bool) -> str:
+    return f"{value:g}" + ("" if checked else UNCHECKED_MARK)
 
 
 def collect(metric_files) -> pd.DataFrame:
@@ -95,9 +134,12 @@ def with_published(df: pd.DataFrame, paper: str) -> pd.DataFrame:
         same = hit[hit.model == r.model]
         if len(hit):
             h = (same if len(same) else hit).iloc[0]
-            out.append({**r, "published": h.value, "published_model": h.model, "published_source": h.source})
+            out.append({**r, "published": h.value, "published_model": h.model,
+                        "published_source": f"{h.source}; {h.table}, arXiv:{h.arxiv}",
+                        "published_checked": bool(h.checked)})
         else:
-            out.append({**r, "published": None, "published_model": None, "published_source": None})
+            out.append({**r, "published": None, "published_model": None, "published_source": None,
+                        "published_checked": None})
     return pd.DataFrame(out, columns=COLUMNS)
 
 
@@ -121,8 +163,10 @@ def _cell(g: pd.DataFrame, published: bool = True) -> str:
     text = f"{g.ours.mean():.2f}" + (f" ± {g.ours.std():.2f} (n={len(g)})" if len(g) > 1 else "")
     if "guarantee_holds" in g and not g.guarantee_holds.fillna(True).astype(bool).all():
         text += UNACCOUNTED_MARK
-    pub = g.published.dropna()
-    return text + (f" [paper: {pub.iloc[0]:g}]" if published and len(pub) else "")
+    pub = g[g.published.notna()]
+    if not (published and len(pub)):
+        return text
+    return text + f" [paper: {_published_text(pub.published.iloc[0], bool(pub.published_checked.iloc[0]))}]"
 
 
 def main_runs(df: pd.DataFrame) -> pd.DataFrame:
@@ -171,7 +215,7 @@ def paper_table(df: pd.DataFrame, paper: str, layout: Layout) -> pd.DataFrame:
         row = {"source": "paper", "model": model, "method": method, "ε": _eps_label(eps)}
         for (t, m), h in zip(cols, header):
             hit = g[(g.task == t) & (g.metric == m)]
-            row[h] = f"{hit.value.iloc[0]:g}" if len(hit) else ""
+            row[h] = _published_text(hit.value.iloc[0], bool(hit.checked.iloc[0])) if len(hit) else ""
         if any(row[h] for h in header):
             rows.append(row)
     return pd.DataFrame(rows, columns=["source", "model", "method", "ε", *header])
@@ -196,7 +240,8 @@ def methods_table(df: pd.DataFrame, paper: str) -> pd.DataFrame:
         g = g[g.metric == metric]
         p = pub[(pub.task == task) & (pub.metric == metric) & pub.method.isin(FINE_TUNING_METHODS)]
         epsilons = sorted(set(g.eps) | set(p.epsilon), key=_eps_key)
-        for method in _order(set(g.method) | set(p.method), list(FINE_TUNING_METHODS)):
+        # the paper's methods that we do not run keep their row (saying so), published numbers or not
+        for method in _order(set(g.method) | set(p.method) | set(NOT_IMPLEMENTED), list(FINE_TUNING_METHODS)):
             gm, pm = g[g.method == method], p[p.method == method]
             params = gm.trainable_parameters.dropna()
             noise = gm[gm.eps != "inf"].noise_norm.dropna()
@@ -207,7 +252,9 @@ def methods_table(df: pd.DataFrame, paper: str) -> pd.DataFrame:
                 hit, ph = gm[gm.eps == e], pm[pm.epsilon == e]
                 row[f"ours {METRIC_NAMES.get(metric, metric)} ε={_eps_label(e)}"] = (
                     _cell(hit, published=False) if len(hit) else NOT_IMPLEMENTED.get(method, ""))
-                row[f"paper ε={_eps_label(e)}"] = (f"{ph.value.iloc[0]:g} ({ph.model.iloc[0]})" if len(ph) else "")
+                row[f"paper ε={_eps_label(e)}"] = (
+                    f"{_published_text(ph.value.iloc[0], bool(ph.checked.iloc[0]))} ({ph.model.iloc[0]})"
+                    if len(ph) else "")
             rows.append(row)
     return pd.DataFrame(rows)
 
@@ -233,8 +280,9 @@ def write_tables(metric_files, paper: str, md_path, csv_path, tex_path=None) -> 
           "Scales: accuracy, F1, MCC and correlations in percent; BLEU, METEOR, ROUGE-L on 0-100; NIST and "
           "CIDEr raw. `eps` is the target ε (inf: non-private); `epsilon_spent` the largest ε of the accountants "
           "asked (RDP, PRV, dp-accounting RDP). Cells are mean ± standard deviation over seeds (n). Rows `paper` "
-          "hold the published values (source in `published_source` of the CSV and in "
-          f"`privtune/published/{paper}.csv`), on the paper's models.", ""]
+          "hold the published values (source, table and arXiv version in `published_source` of the CSV and in "
+          f"`privtune/published/{paper}.csv`), on the paper's models; {UNCHECKED_MARK} marks one nobody has "
+          "checked against its table yet.", ""]
     tex = [f"% {title}: generated by privtune (rule tables); published rows from privtune/published/{paper}.csv"]
     main = main_runs(df)
     for layout in LAYOUTS.get(paper, []):
@@ -259,6 +307,9 @@ def write_tables(metric_files, paper: str, md_path, csv_path, tex_path=None) -> 
     md += ["## Every run", "", df.astype(object).fillna("").to_markdown(index=False), ""]
     if not df.guarantee_holds.fillna(True).astype(bool).all():
         md += [UNACCOUNTED_NOTE, ""]
+    pub = published(paper)
+    if len(pub) and not pub.checked.all():
+        md += [UNCHECKED_NOTE, ""]
     write_atomic(md_path, "\n".join(md))
     if tex_path is not None:
         write_atomic(tex_path, "\n\n".join(tex) + "\n")
