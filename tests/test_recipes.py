@@ -168,3 +168,74 @@ def test_paper_preset_without_the_recipe_fails_these_checks(paper):
     next(e for e in cfg["experiments"] if e["name"] == "li2022-qnli")["train"]["lr_schedule"] = "constant"
     with pytest.raises(AssertionError):
         test_paper_li_classification_is_the_authors_recipe(cfg, "li2022-qnli", 2000, 6)
+
+
+E2E = [{"source": "name : Aromi | food : Thai", "references": ["Aromi serves Thai food."]},
+       {"source": "name : Blue Spice | area : riverside", "references": ["Blue Spice is by the river."]}] * 4
+
+
+def test_untie_lm_head_gives_the_head_its_own_copy_and_both_train(tmp_path, tiny_models):
+    """Li et al.'s table-to-text code: the embedding copied into a separate head; under DP both train (the
+    engine's verification at the first step sees every parameter), and the saved model stays untied."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from privtune.io import write_jsonl
+    from privtune.models import methods
+    from privtune.training.loop import run
+
+    m = AutoModelForCausalLM.from_pretrained(tiny_models / "llama")
+    assert m.get_output_embeddings().weight is m.get_input_embeddings().weight  # the tiny Llama is tied
+    assert methods.untie_lm_head(m) and not methods.untie_lm_head(m)  # a separate head is left alone
+    assert m.get_output_embeddings().weight is not m.get_input_embeddings().weight
+    assert torch.equal(m.get_output_embeddings().weight, m.get_input_embeddings().weight)
+
+    write_jsonl(tmp_path / "train.jsonl", E2E)
+    s = RunSettings(kind="table2text", epsilon=8.0, delta=1e-3, batch_size=4, steps=2, lr=1e-2, max_length=64,
+                    untie_lm_head=True)
+    res = run(s, tiny_models / "llama", tmp_path / "train.jsonl", tmp_path / "run", progress=False)
+    w = load_file(tmp_path / "run/model/model.safetensors")
+    assert "lm_head.weight" in w and not torch.equal(w["lm_head.weight"], w["model.embed_tokens.weight"])
+    tied = AutoModelForCausalLM.from_pretrained(tiny_models / "llama")
+    assert res["train"]["trainable_parameters"] == sum(p.numel() for p in tied.parameters()) + tied.lm_head.weight.numel()
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "run/model")
+    assert again.get_output_embeddings().weight is not again.get_input_embeddings().weight
+
+
+def test_decoding_never_emits_a_line_break(tiny_models):
+    """ban_newlines (Li et al.'s decoding bans GPT-2's newline tokens): the byte tokenizer's newline byte is
+    among the banned tokens, and a model pushed to emit it emits something else."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from privtune.objectives.head import generate, newline_token_ids
+
+    tok = AutoTokenizer.from_pretrained(tiny_models / "llama")
+    nl = newline_token_ids(tok)
+    assert nl and all("\n" in tok.decode([i]) for i in nl)
+    model = AutoModelForCausalLM.from_pretrained(tiny_models / "llama")
+    a = tok("a", add_special_tokens=False)["input_ids"][-1]
+    bias = torch.zeros(model.config.vocab_size)
+    bias[nl[0]], bias[a] = 1e4, 1e3  # a newline first, "a" second, at every position
+    model.get_output_embeddings().register_forward_hook(lambda mod, inp, out: out + bias)
+    free = generate(model, tok, ["name : Aromi"], torch.device("cpu"), max_new_tokens=4, ban_newlines=False)
+    banned = generate(model, tok, ["name : Aromi"], torch.device("cpu"), max_new_tokens=4)
+    assert free == [""]  # four line breaks, stripped
+    assert banned == ["aaaa"]
+
+
+def test_paper_table_to_text_is_the_authors_recipe(paper):
+    """private-transformers examples/table2text: run.sh (lr, epochs, δ, constant lr, B 1,024), the untied head,
+    non-private runs with the same settings, and the decoding (beam 5, 100 new tokens, newlines banned)."""
+    want = {"e2e": (2e-3, 10, "auto"), "dart": (5e-4, 15, 1e-5)}
+    seen = 0
+    for e in paper["experiments"]:
+        if e["paper"] != "li2022" or e["task"] not in want:
+            continue
+        lr, epochs, delta = want[e["task"]]
+        for r, s in _runs(paper, e["name"]):
+            assert (s["lr"], s["epochs"], s["batch_size"], s["lr_schedule"]) == (lr, epochs, 1024, "constant"), r
+            assert s["untie_lm_head"] is True and s["delta"] == delta
+            g = r.eval_spec(paper)["generation"]
+            assert (g["num_beams"], g["max_new_tokens"], g["ban_newlines"]) == (5, 100, True)
+            seen += 1
+    assert seen == 2 * 3 * 3 + 2 * 4 * 3  # full on three GPT-2 sizes, and four methods on GPT-2, × 3 ε

@@ -139,6 +139,20 @@ def _retrain(model: nn.Module, seed: int) -> nn.Module:
     return fresh.to(dtype=next(model.parameters()).dtype)
 
 
+def untie_lm_head(model: nn.Module) -> bool:
+    """Give a causal LM whose output layer shares the input embedding's weight a copy of its own, as Li et
+    al.'s table-to-text code does (lxuechen/private-transformers@14b4147 examples/table2text/
+    run_language_modeling.py: ``tie_word_embeddings = False``, the embedding copied into ``lm_head``): the
+    head is then clipped and noised as a parameter of its own. A head that is already separate is left as
+    it is (copying the embedding over it would discard it). Returns whether the head was tied."""
+    out, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if out is None or emb is None or out.weight is not emb.weight:
+        return False
+    out.weight = nn.Parameter(emb.weight.detach().clone())
+    model.config.tie_word_embeddings = False
+    return True
+
+
 def apply(model: nn.Module, method: str, kind: str, given: dict | None = None, seed: int = 0,
           objective: str = "head") -> nn.Module:
     """``model`` prepared for ``method`` (a peft wrapper for LoRA and prefix-tuning)."""

@@ -129,11 +129,21 @@ def predict_labels(model, encoded: list[Encoded], pad_id: int, kind: str, device
     return preds
 
 
+def newline_token_ids(tokenizer) -> list[int]:
+    """Every token whose text holds a line break (GPT-2: ``\\n`` 198, ``\\n\\n`` 628 and longer runs)."""
+    special = set(tokenizer.all_special_ids)
+    return [i for i in range(len(tokenizer))
+            if i not in special and "\n" in tokenizer.decode([i], clean_up_tokenization_spaces=False)]
+
+
 @torch.no_grad()
 def generate(model, tokenizer, sources: list[str], device, batch_size: int = 16, max_new_tokens: int = 60,
-             num_beams: int = 1, length_penalty: float = 1.0) -> list[str]:
-    """Batched decoding (greedy, or beam search with ``num_beams`` > 1), left-padded prompts."""
+             num_beams: int = 1, length_penalty: float = 1.0, ban_newlines: bool = True) -> list[str]:
+    """Batched decoding (greedy, or beam search with ``num_beams`` > 1), left-padded prompts; with
+    ``ban_newlines``, no token holding a line break is generated (each output is one line, as Li et
+    al.'s decoding bans GPT-2's newline tokens)."""
     model.eval()
+    banned = [[i] for i in newline_token_ids(tokenizer)] if ban_newlines else None
     outs: list[str] = []
     pad = tokenizer.pad_token_id
     for i in range(0, len(sources), batch_size):
@@ -147,7 +157,7 @@ def generate(model, tokenizer, sources: list[str], device, batch_size: int = 16,
         gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                              max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
                              length_penalty=length_penalty, eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=pad)
+                             pad_token_id=pad, bad_words_ids=banned or None)
         for row in gen[:, T:]:
             outs.append(tokenizer.decode(row, skip_special_tokens=True).strip())
     return outs

@@ -348,8 +348,10 @@ def run(settings: RunSettings, model_dir: Path, train_file: Path, out_dir: Path,
     obj = objective(s.kind, s.task, s.objective, s.num_labels, s.prompt, model_dir=model_dir)
     if s.zero_shot:
         return _zero_shot(s, obj.load(model_dir), tok, out_dir, obj.family)
-    model = methods.apply(obj.load(model_dir), s.method, s.kind, s.method_options, seed=s.seed,
-                          objective=s.objective).to(device)
+    base = obj.load(model_dir)
+    if s.untie_lm_head:
+        methods.untie_lm_head(base)
+    model = methods.apply(base, s.method, s.kind, s.method_options, seed=s.seed, objective=s.objective).to(device)
     obj.prepare(model, tok, device)  # before any step: the similarity objective's fixed label embeddings
     job = setup(s, model, obj, tok, train_file, mask_file, device, rank, world)
 

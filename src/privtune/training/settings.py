@@ -40,6 +40,7 @@ class RunSettings:
     prompt: dict = field(default_factory=dict)  # prompt objective: template / label_words / label_prefix overrides
     method: str = "full"  # full | lora | prefix | top2 | retrain (privtune.models.methods)
     method_options: dict = field(default_factory=dict)  # e.g. {"r": 8, "alpha": 16} for lora
+    untie_lm_head: bool = False  # a causal LM's output layer gets its own copy of the tied input embedding
     child: str = "vanilla"  # vanilla | ct_f | ct_d
     p_f: float = 0.3
     child_strict: bool = False  # masked coordinates do not move at all (no momentum, no weight decay)
