@@ -276,3 +276,16 @@ def test_generation_input_errors():
         generation_metrics(["a"], [["a", " "]], metrics=("bleu",))
     with pytest.raises(ValueError, match="unknown metric"):
         generation_metrics(["a"], [["a"]], metrics=("bleurt",))
+
+
+def test_ter_by_hand_lower_is_better_and_ragged_references():
+    """TER = edits / reference words: three insertions against six words is 50; identical is 0; a hypothesis
+    scores against its closest reference, and a missing reference (ragged lists) is skipped, not empty."""
+    from privtune.metrics.generation import generation_metrics
+
+    assert generation_metrics(["the cat sat"], [["the cat sat on the mat"]], ["ter"])["ter"] == pytest.approx(50.0)
+    assert generation_metrics(["a b c"], [["a b c"]], ["ter"])["ter"] == 0.0
+    ragged = generation_metrics(["a b", "c d"], [["a b"], ["c d", "c e"]], ["ter"])["ter"]
+    assert ragged == 0.0
+    worse = generation_metrics(["x y", "c d"], [["a b"], ["c d", "c e"]], ["ter"])["ter"]
+    assert worse > ragged

@@ -16,11 +16,11 @@ rte         classification  accuracy                                   train, de
 mrpc        classification  accuracy, f1                               train, dev, test
 stsb        regression      pearson, spearman                          train, dev, test
 e2e         table2text      bleu, nist, meteor, rouge_l, cider         train, dev, test
-dart        table2text      bleu, nist, meteor, rouge_l, cider         train, dev, test
+dart        table2text      bleu, nist, meteor, rouge_l, cider, ter    train, dev, test
 ==========  ==============  =========================================  =======================
 
-DART is scored with the E2E script's metrics; Li et al. also report TER on DART, which is not
-computed here.
+DART is scored with the E2E script's metrics and TER (sacreBLEU, lower is better:
+:mod:`privtune.metrics.ter`), which DART's evaluation reports beside them.
 """
 from __future__ import annotations
 
@@ -123,7 +123,7 @@ TASKS: dict[str, Task] = {t.name: t for t in [
     _glue("stsb", "STS-B", ("train", "dev", "test"), kind="regression", metrics=("pearson", "spearman")),
     Task("e2e", "E2E", "table2text", GENERATION,
          {"train": "e2e/trainset.csv", "dev": "e2e/devset.csv", "test": "e2e/testset_w_refs.csv"}, k_shot_files={}),
-    Task("dart", "DART", "table2text", GENERATION,
+    Task("dart", "DART", "table2text", (*GENERATION, "ter"),
          {"train": "dart/dart-v1.1.1-full-train.json", "dev": "dart/dart-v1.1.1-full-dev.json",
           "test": "dart/dart-v1.1.1-full-test.xml"}, k_shot_files={}),
 ]}

@@ -30,6 +30,8 @@ rouge_l    0-100     pycocoevalcap ``Rouge`` (LCS F-measure with beta=1.2, max p
 cider      raw       pycocoevalcap ``Cider`` (CIDEr, not CIDEr-D) on PTB-tokenised text;
                      IDF over the corpus references, so a one-segment corpus scores 0.
                      Typically ~2 on E2E.
+ter        0-100+    sacreBLEU ``TER`` (DART's table reports it; lower is better):
+                     :mod:`privtune.metrics.ter`.
 =========  ========  ===================================================================
 
 PTB tokenisation is exactly the COCO one: the Stanford PTBTokenizer jar shipped with
@@ -71,8 +73,10 @@ from privtune.metrics.meteor import meteor
 from privtune.metrics.nist import nist
 from privtune.metrics.ptb import ptb_tokenize
 from privtune.metrics.rouge import rouge_l, rouge_l_fallback
+from privtune.metrics.ter import ter
 
-GENERATION_METRICS = ("bleu", "nist", "meteor", "rouge_l", "cider")
+GENERATION_METRICS = ("bleu", "nist", "meteor", "rouge_l", "cider", "ter")
+LOWER_IS_BETTER = ("ter",)
 _JAVA_ONLY = ("meteor", "cider")  # no Java-free equivalent is provided
 
 
@@ -126,8 +130,8 @@ def generation_metrics(
 
     ``references[i]`` is the (non-empty) list of references of ``hypotheses[i]``; lists
     may differ in length.  Returns ``{metric: float}`` for the requested ``metrics`` (a
-    subset of ``bleu, nist, meteor, rouge_l, cider``), with bleu, meteor and rouge_l on
-    a 0-100 scale and nist, cider raw (module docstring has the details).
+    subset of ``bleu, nist, meteor, rouge_l, cider, ter``), with bleu, meteor, rouge_l and ter
+    on a 0-100 scale and nist, cider raw (module docstring has the details).
 
     Raises :class:`MissingJavaError` if ``meteor`` or ``cider`` is requested and no
     ``java`` is on PATH; ``rouge_l`` then falls back to ``rouge-score`` with a warning.
@@ -159,6 +163,8 @@ def generation_metrics(
         out["bleu"] = bleu(hyps, refs)
     if "nist" in wanted:
         out["nist"] = nist(hyps, refs)
+    if "ter" in wanted:
+        out["ter"] = ter(hyps, refs)
 
     if coco and java is None:
         out["rouge_l"] = rouge_l_fallback(hyps, refs)

@@ -37,11 +37,11 @@ UNCHECKED_NOTE = (f"{UNCHECKED_MARK} a published value that no person has yet co
                   "(column `checked` of the published CSV).")
 METHOD_ORDER = ["zeroshot", "full", "lora", "rgp", "prefix", "top2", "retrain", "vanilla", "ct_f", "ct_d"]
 METRIC_ORDER = ["accuracy", "accuracy_mm", "f1", "mcc", "pearson", "spearman",
-                "bleu", "nist", "meteor", "rouge_l", "cider"]
+                "bleu", "nist", "meteor", "rouge_l", "cider", "ter"]
 TASK_NAMES = {t.name: t.display for t in TASKS.values()}  # the task registry's (privtune.tasks)
 METRIC_NAMES = {"accuracy": "acc", "accuracy_mm": "acc-mm", "f1": "F1", "mcc": "MCC", "pearson": "Pearson",
                 "spearman": "Spearman", "bleu": "BLEU", "nist": "NIST", "meteor": "METEOR", "rouge_l": "ROUGE-L",
-                "cider": "CIDEr"}
+                "cider": "CIDEr", "ter": "TER"}
 
 
 @dataclass(frozen=True)
