@@ -42,8 +42,9 @@ generator seeded with 64 bits of it (CUDA's Philox takes a 64-bit seed), which i
 Why torch's sampler with a written generator state rather than NumPy's Philox or PCG64
 generators: measured on the 2-core machine for 124M float32 values in chunks of NOISE_CHUNK, one
 thread, NumPy's ``standard_normal`` took 2.5-3 times as long as torch's ``normal_`` (1.1-1.3 s
-against 0.43 s), and the noise is on every DP step's critical path. The layout written is checked once per process against a seeded generator
-(:func:`_mt_template`); a layout that moved is an error, never a weaker generator.
+against 0.43 s), and the noise is on every DP step's critical path. The layout written is checked
+once per process against a seeded generator (:func:`_mt_template`); a layout that moved is an
+error, never a weaker generator.
 """
 from __future__ import annotations
 

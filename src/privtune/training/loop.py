@@ -178,8 +178,9 @@ def clip_and_sum(job: Job, shard, batch_len: int, state: dict) -> tuple[float, i
 
 def train_step(job: Job, state: dict, step: int, idx) -> tuple[float, bool]:
     """One optimizer step, in the privacy-critical order: clip (each example) and sum → all-reduce across
-    ranks → noise → (check the privatized gradient, clip its total norm if asked) → Child-Tuning mask → step. Returns the batch's mean
-    loss (a data statistic: under DP no decision reads it) and whether the update was skipped."""
+    ranks → noise → (check the privatized gradient; clip its total norm if asked) → Child-Tuning mask →
+    step. Returns the batch's mean loss (a data statistic: under DP no decision reads it) and whether the
+    update was skipped."""
     s, plan, params = job.s, job.plan, job.params
     if job.world > 1:
         torch.manual_seed(distributed.step_seed(s.seed, step, job.rank))  # dropout: per rank, resumable
