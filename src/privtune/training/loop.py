@@ -43,13 +43,14 @@ from privtune.childtuning import mask as child
 from privtune.dp import rng, sampling
 from privtune.dp.engine import GhostClipEngine
 from privtune.dp.noise import privatize_
-from privtune.dp.plan import PrivacyPlan, plan_privacy, privacy_record, versions
-from privtune.io import atomic_dir, read_json, read_jsonl, write_json
+from privtune.dp.plan import PrivacyPlan, plan_privacy
+from privtune.io import read_json, read_jsonl
 from privtune.models import methods
 from privtune.models.load import default_device, load_tokenizer
 from privtune.objectives import objective
 from privtune.training import checkpoint, distributed
 from privtune.training.optim import build_optimizer
+from privtune.training.outputs import DIAGNOSTICS, write_outputs, zero_shot  # noqa: F401 (re-exported)
 from privtune.training.settings import NONFINITE_POLICIES, RunSettings  # noqa: F401 (re-exported)
 
 
@@ -83,7 +84,6 @@ def _lr_lambda(s: RunSettings, steps: int):
     return f
 
 
-DIAGNOSTICS = "diagnostics_nonprivate.json"  # a DP run's data statistics, written only with train.diagnostics
 
 
 def _all_finite(params) -> bool:
@@ -296,41 +296,6 @@ def _secret_left_behind(job: Job, ckpt_dir: Path):
         raise
 
 
-def write_outputs(job: Job, state: dict, out_dir: Path, mask_file, train_file, elapsed: float) -> dict:
-    """model/, train_log.json, train_metrics.json (and the diagnostics when asked), privacy.json last."""
-    s, plan = job.s, job.plan
-    total = methods.count_parameters(job.model)[1]
-    with atomic_dir(out_dir / "model") as tmp:
-        methods.save_trained(job.model, s.method, tmp)
-        job.obj.save(job.model, tmp)
-        job.tok.save_pretrained(tmp)
-    report = privacy_record(plan, s, mask_file, state["skipped"], job.mask_info, train_file)
-    noise = float(np.mean(state["noise_norms"])) if plan.private else 0.0
-    train_metrics = {
-        "steps": plan.steps, "seconds": elapsed, "seconds_per_step": elapsed / plan.steps,
-        "trainable_parameters": int(sum(p.numel() for p in job.params)), "total_parameters": total,
-        "method": s.method, "objective_family": job.obj.family, "device": str(job.device), "world_size": job.world,
-        "settings": asdict(s), "skipped_steps": state["skipped"], "segments": state["segments"],
-        # the norm of the noise of each averaged update, mean over steps (σ·C·√d/B: no data in it)
-        "noise_norm_mean": noise, "guarantee_holds": not plan.unaccounted,
-        "peak_memory_bytes": (torch.cuda.max_memory_allocated() if job.device.type == "cuda" else None),
-        # the last batch's mean loss: a statistic of the training data, so absent under DP
-        **({} if plan.private else {"final_loss": state["log"][-1]["loss"]}),
-    }
-    write_json(out_dir / "train_log.json", state["log"])
-    write_json(out_dir / "train_metrics.json", train_metrics)
-    if plan.private and s.diagnostics:
-        grads = float(np.mean(state["grad_norms"]))
-        write_json(out_dir / DIAGNOSTICS, {
-            "warning": "statistics of the training data that the run's ε does NOT cover: do not release",
-            "steps": state["diagnostics"], "final_loss": state["diagnostics"][-1]["loss"],
-            "gradient_norm_mean": grads, "noise_norm_mean": noise,
-            # ‖noise‖ / ‖clipped gradient‖ of the averaged update, mean over steps: grows with the dimension
-            "noise_to_signal": noise / max(1e-12, grads)})
-    write_json(out_dir / "privacy.json", report)  # last: its presence means the run finished
-    return {"privacy": report, "train": train_metrics}
-
-
 def run(settings: RunSettings, model_dir: Path, train_file: Path, out_dir: Path,
         mask_file: Path | None = None, progress: bool = True) -> dict:
     """Train one run into ``out_dir`` (resuming its checkpoint if there is one); the returned dict holds
@@ -348,7 +313,7 @@ def run(settings: RunSettings, model_dir: Path, train_file: Path, out_dir: Path,
     tok = load_tokenizer(model_dir)
     obj = objective(s.kind, s.task, s.objective, s.num_labels, s.prompt, model_dir=model_dir)
     if s.zero_shot:
-        return _zero_shot(s, obj.load(model_dir), tok, out_dir, obj.family)
+        return zero_shot(s, obj.load(model_dir), tok, out_dir, obj.family)
     base = obj.load(model_dir)
     if s.untie_lm_head:
         methods.untie_lm_head(base)
@@ -388,30 +353,6 @@ def run(settings: RunSettings, model_dir: Path, train_file: Path, out_dir: Path,
     result = write_outputs(job, state, out_dir, mask_file, train_file, elapsed)
     checkpoint.clear(ckpt_dir)
     return result
-
-
-def _zero_shot(s: RunSettings, model, tok, out_dir: Path, family: str | None) -> dict:
-    """The untrained model with the run's objective: no training data is read, so ε = 0."""
-    if s.objective == "head" and s.kind != "table2text":
-        raise ValueError("train.zero_shot with objective: head would evaluate a randomly initialised "
-                         "classification head; zero-shot rows need objective: prompt (or a table-to-text task)")
-    with atomic_dir(out_dir / "model") as tmp:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-    total = methods.count_parameters(model)[1]
-    report = {"epsilon": 0.0, "delta": 0.0, "private": False, "zero_shot": True, "target_epsilon": None,
-              "steps": 0, "dataset_size": 0, "noise_multiplier": 0.0, "seed": s.seed,
-              "guarantee": "no training example was read: the released model is the prepared model (ε = 0)",
-              "guarantee_holds": True, "covers": "everything: no training data was read",
-              "warnings": [], "versions": versions()}
-    train_metrics = {"steps": 0, "final_loss": None, "seconds": 0.0, "seconds_per_step": 0.0,
-                     "trainable_parameters": 0, "total_parameters": total, "method": s.method,
-                     "objective_family": family, "device": "none", "world_size": 1, "settings": asdict(s),
-                     "skipped_steps": [], "segments": [], "guarantee_holds": True}
-    write_json(out_dir / "train_log.json", [])
-    write_json(out_dir / "train_metrics.json", train_metrics)
-    write_json(out_dir / "privacy.json", report)
-    return {"privacy": report, "train": train_metrics}
 
 
 def main(argv: list[str] | None = None) -> None:
