@@ -159,6 +159,11 @@ def test_a_stopped_secure_run_says_where_its_secret_root_is_and_resumes_with_it(
     """secure_rng: the checkpoint holds the 128-bit root of the noise and the batches. A run that stops says
     so (the file, and what to do); state.json says so too; the resumed run draws from the same root (its
     segments continue) and deletes the checkpoint when it finishes."""
+    from privtune.dp import rng
+
+    keys = []  # (root, step) of every noise draw, across the crash and the resume
+    real_key = rng.noise_key
+    monkeypatch.setattr(rng, "noise_key", lambda root, step: keys.append((root, step)) or real_key(root, step))
     with monkeypatch.context() as m:
         _crash_after_checkpoint(m, 6)
         with pytest.raises(Crash):
@@ -168,9 +173,12 @@ def test_a_stopped_secure_run_says_where_its_secret_root_is_and_resumes_with_it(
     assert "secret root" in checkpoint.info(tmp_path / "s/checkpoint")["secret"]
     root = torch.load(tmp_path / "s/checkpoint" / checkpoint.STATE, weights_only=False)["root"]
     assert root.bit_length() > 64  # 128 bits from the OS (below 2**64 with probability 2**-64)
+    assert (tmp_path / "s/checkpoint" / checkpoint.STATE).stat().st_mode & 0o077 == 0  # owner-only
     res = run(_dp(secure_rng=True), tiny_models / "bert", sst_file, tmp_path / "s", progress=False)
     assert res["train"]["segments"] == [{"start": 0, "stop": 6}, {"start": 6, "stop": 10}]
     assert not (tmp_path / "s/checkpoint").exists()
+    # the resumed run drew from the checkpoint's root, one key per step, none repeated
+    assert [step for _, step in keys] == list(range(10)) and {r for r, _ in keys} == {root}
     # a non-secure run stops without the warning, and its state.json has no secret
     with monkeypatch.context() as m:
         _crash_after_checkpoint(m, 3)

@@ -52,6 +52,30 @@ def test_weight_decay_skips_bias_and_layernorm_weights():
     assert all(not torch.equal(p, before[n]) for n, p in m.named_parameters() if n in before)
 
 
+def test_a_run_passes_parameter_names_so_layernorm_and_bias_are_not_decayed(tmp_path, tiny_models, monkeypatch):
+    """The training loop hands the optimizer the parameters' names: its two groups put every bias and LayerNorm
+    weight of the tiny BERT at weight decay 0 and the rest at the run's."""
+    from privtune.io import write_jsonl
+    from privtune.training import loop
+
+    groups = []
+    real = loop.build_optimizer
+    monkeypatch.setattr(loop, "build_optimizer", lambda *a, **k: groups.append(k) or real(*a, **k))
+    write_jsonl(tmp_path / "train.jsonl", SST)
+    s = RunSettings(kind="classification", batch_size=16, physical_batch_size=16, steps=1, lr=1e-3,
+                    optimizer="adamw", weight_decay=0.1, max_length=32, sampling="shuffle")
+    loop.run(s, tiny_models / "bert", tmp_path / "train.jsonl", tmp_path / "run", progress=False)
+    names = groups[0]["names"]
+    assert groups[0]["no_decay"] == ["bias", "LayerNorm.weight"]
+    assert any(n.endswith("LayerNorm.weight") for n in names.values()) and any(n.endswith(".bias") for n in
+                                                                               names.values())
+
+
+def test_max_grad_norm_must_be_positive():
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        RunSettings(kind="classification", max_grad_norm=-1.0)
+
+
 def test_the_whole_gradient_clip_bounds_the_step(tmp_path, tiny_models):
     """max_grad_norm: with SGD at lr 1, one step moves the parameters by at most the clip."""
     from safetensors.torch import load_file

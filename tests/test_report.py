@@ -68,6 +68,12 @@ def test_published_values_name_their_table_and_arxiv_version(published_dir):
         (published_dir / "li2022.csv").write_text(good + bad + "\n")
         with pytest.raises(ValueError, match=rf"li2022.csv, line\(s\) \[5\]: column '{col}'"):
             tables.published("li2022")
+    for bad, what in (("li2022,Table 9,0000.00000v1,e2e,gpt2,full,3,bleu,,yes,x", "'value' must be a number"),
+                      ("li2022,Table 9,0000.00000v1,e2e,gpt2,full,e,bleu,1.0,yes,x", "'value' must be a number"),
+                      ("li2022,Table 9,0000.00000v1,e2e,gpt2,full,3,bleu,2.0,yes,x", "the same task")):
+        (published_dir / "li2022.csv").write_text(good + bad + "\n")
+        with pytest.raises(ValueError, match=what):
+            tables.published("li2022")
     (published_dir / "li2022.csv").write_text("paper,task,value\nli2022,e2e,1.0\n")
     with pytest.raises(ValueError, match="missing columns"):
         tables.published("li2022")

@@ -167,7 +167,8 @@ def compute_mask_file(model_dir, train_file, out_file, kind: str, num_labels: in
         events = [asdict(event)]
         d = sum(t.numel() for t in scores.values())
         info.update(fisher_epsilon=fisher_epsilon, delta=delta, noise_multiplier=sigma, clip=fisher_clip,
-                    noise_rng=noise_rng_record(secure_noise),
+                    noise_rng=("keyed by 128 bits from the operating system's entropy, never stored"
+                               if secure_noise else noise_rng_record(False)),
                     # public numbers: noise norm over the largest possible signal norm (n·C²)
                     noise_to_max_signal=sigma * math.sqrt(d) / n)
     else:

@@ -37,7 +37,8 @@ not independent is not what the accountant analyses). A full-state seed has no s
 collisions (2^-128 per pair).
 
 On a GPU: one draw per parameter from the caller's generator, or, given a key, from a CUDA
-generator seeded with 64 bits of it (CUDA's Philox takes a 64-bit seed), which is fastest there.
+generator per device seeded with 64 bits of the key's child for that device (CUDA's Philox takes a
+64-bit seed), which is fastest there.
 
 Why torch's sampler with a written generator state rather than NumPy's Philox or PCG64
 generators: measured on the 2-core machine for 124M float32 values in chunks of NOISE_CHUNK, one
@@ -60,6 +61,7 @@ import torch
 # 0.76 s vs 0.49 s for 124M values). It is also the unit of the parallel streams: changing it
 # changes the noise values.
 NOISE_CHUNK = 1 << 18
+CUDA_STREAM = 0xC0DA  # the spawn-key word of a key's per-device CUDA generators (CPU chunks use (i, c))
 
 # torch's CPU generator state (a ByteTensor of 5,056 bytes in torch 2.x): the legacy TH layout
 # {uint64 initial_seed; int left; int seeded; uint64 next; uint64 state[624]; ...}. Checked once per
@@ -205,10 +207,10 @@ def privatize_(params, noise_multiplier: float, clip_norm: float, expected_batch
         flat = p.grad.view(-1)
         if dev.type != "cpu":  # a caching allocator: no page faults to avoid, and one kernel per parameter
             gen = generator
-            if key is not None:  # CUDA's Philox takes 64 bits of the key
+            if key is not None:  # CUDA's Philox takes a 64-bit seed: the key's own child for each device
                 if dev not in cuda_gens:
-                    cuda_gens[dev] = torch.Generator(device=dev).manual_seed(
-                        int(key.generate_state(1, np.uint64)[0] >> 1))
+                    child = np.random.SeedSequence(key.entropy, spawn_key=(*key.spawn_key, CUDA_STREAM, dev.index or 0))
+                    cuda_gens[dev] = torch.Generator(device=dev).manual_seed(int(child.generate_state(1, np.uint64)[0]))
                 gen = cuda_gens[dev]
             z = torch.empty(flat.numel(), dtype=torch.float32, device=dev).normal_(generator=gen).mul_(std)
             sq[z.device] = sq.get(z.device, 0) + torch.dot(z, z).double()

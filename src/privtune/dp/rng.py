@@ -15,17 +15,20 @@ per stream and per step), the construction NumPy documents for drawing independe
 parallel: no stream is the continuation of another's output, so rebuilding one generator's state
 from what it drew says nothing about the others.
 
-=========  ==================================================  =======================
-stream     SeedSequence                                        root
-=========  ==================================================  =======================
-noise      ``SeedSequence(root, spawn_key=(1, step))``         secret
-sampler    ``default_rng([root, step])`` (Poisson batches)     secret
-masks      ``SeedSequence(seed, spawn_key=(2,))`` → generator  public
-DP Fisher  ``SeedSequence(root, spawn_key=(3,))``              secret
-=========  ==================================================  =======================
+=========  =====================================================  =======================
+stream     SeedSequence                                           root
+=========  =====================================================  =======================
+noise      ``SeedSequence(root, spawn_key=(1, step))``            secret
+sampler    ``default_rng([root, step])`` (Poisson batches)        secret
+masks      ``SeedSequence(seed, spawn_key=(2, 0))`` → generator   public
+DP Fisher  ``SeedSequence(root, spawn_key=(3, 0))``               secret
+=========  =====================================================  =======================
 
-A SeedSequence with a spawn key pads its entropy to the pool size before appending the key,
-so ``SeedSequence(root, spawn_key=…)`` never coincides with the sampler's ``[root, step]``.
+Why they cannot coincide: a SeedSequence hashes its entropy words, zero-padded to its pool of four
+32-bit words, then any further words. A spawn key is appended after the entropy padded to the pool,
+so every keyed stream above hashes the (padded) root and then two more words; the sampler's
+``[root, step]`` hashes the root and one more word at most (a 128-bit root fills the pool). Two
+keyed streams differ in their first key word.
 """
 from __future__ import annotations
 
@@ -50,12 +53,12 @@ def noise_key(root: int, step: int) -> np.random.SeedSequence:
 
 def fisher_key(root: int) -> np.random.SeedSequence:
     """The key of the DP Fisher's one noisy release."""
-    return np.random.SeedSequence(root, spawn_key=(FISHER,))
+    return np.random.SeedSequence(root, spawn_key=(FISHER, 0))
 
 
 def mask_generator(seed: int, device) -> torch.Generator:
     """CT_F's mask generator, from the public root (the run's seed) alone."""
-    word = int(np.random.SeedSequence(int(seed), spawn_key=(MASK,)).generate_state(1, np.uint64)[0] >> 1)
+    word = int(np.random.SeedSequence(int(seed), spawn_key=(MASK, 0)).generate_state(1, np.uint64)[0] >> 1)
     return torch.Generator(device=device).manual_seed(word)
 
 

@@ -76,7 +76,6 @@ from privtune.metrics.rouge import rouge_l, rouge_l_fallback
 from privtune.metrics.ter import ter
 
 GENERATION_METRICS = ("bleu", "nist", "meteor", "rouge_l", "cider", "ter")
-LOWER_IS_BETTER = ("ter",)
 _JAVA_ONLY = ("meteor", "cider")  # no Java-free equivalent is provided
 
 

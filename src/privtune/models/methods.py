@@ -149,8 +149,18 @@ def untie_lm_head(model: nn.Module) -> bool:
     if out is None or emb is None or out.weight is not emb.weight:
         return False
     out.weight = nn.Parameter(emb.weight.detach().clone())
-    model.config.tie_word_embeddings = False
+    for cfg in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        cfg.tie_word_embeddings = False
+    if getattr(model, "all_tied_weights_keys", None):  # transformers' own record of what to tie again
+        model.all_tied_weights_keys = {}
     return True
+
+
+def head_is_tied(model: nn.Module) -> bool:
+    """Whether a model's output layer shares its weight with the input embedding (peft wrappers looked into)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    out, emb = base.get_output_embeddings(), base.get_input_embeddings()
+    return out is not None and emb is not None and out.weight is emb.weight
 
 
 def apply(model: nn.Module, method: str, kind: str, given: dict | None = None, seed: int = 0,

@@ -91,6 +91,17 @@ def published(paper: str) -> pd.DataFrame:
     if bad:
         raise ValueError(f"{path}, line(s) {bad}: column 'checked' must be yes (a person compared the value with "
                          "its table) or no")
+    value = pd.to_numeric(df.value, errors="coerce")
+    bad = [i + 2 for i, v in enumerate(value) if not math.isfinite(v)]
+    bad_eps = [i + 2 for i, e in enumerate(df.epsilon) if str(e) != "inf" and pd.isna(pd.to_numeric(e, errors="coerce"))]
+    if bad or bad_eps:
+        raise ValueError(f"{path}, line(s) {sorted(set(bad + bad_eps))}: 'value' must be a number and 'epsilon' a "
+                         "number or inf")
+    dup = df.duplicated(subset=["task", "model", "method", "epsilon", "metric"], keep=False)
+    if dup.any():
+        raise ValueError(f"{path}, line(s) {[i + 2 for i in dup[dup].index]}: the same task, model, method, epsilon "
+                         "and metric twice; keep one value per cell")
+    df["value"] = value
     df["checked"] = df.checked.str.strip().str.lower() == "yes"
     df["epsilon"] = df["epsilon"].map(lambda e: "inf" if str(e) == "inf" else f"{float(e):g}")
     return df
@@ -307,8 +318,7 @@ def write_tables(metric_files, paper: str, md_path, csv_path, tex_path=None) -> 
     md += ["## Every run", "", df.astype(object).fillna("").to_markdown(index=False), ""]
     if not df.guarantee_holds.fillna(True).astype(bool).all():
         md += [UNACCOUNTED_NOTE, ""]
-    pub = published(paper)
-    if len(pub) and not pub.checked.all():
+    if (df.published.notna() & (df.published_checked == False)).any():  # noqa: E712 (a column of objects)
         md += [UNCHECKED_NOTE, ""]
     write_atomic(md_path, "\n".join(md))
     if tex_path is not None:

@@ -82,6 +82,8 @@ def save(folder: Path, state: dict, fp: str, secret: bool = False) -> None:
     secure_rng run's secret root, which ``state.json`` then says (readable without loading the state)."""
     folder = Path(folder)
     torch_save({**state, "fingerprint": fp}, folder / STATE)
+    if secret:  # readable by its owner alone
+        os.chmod(folder / STATE, 0o600)
     write_json(folder / INFO, {"step": state["step"], "pid": os.getpid(), "fingerprint": fp,
                                **({"secret": f"{STATE} holds the secret root of this secure_rng run's noise and "
                                              "batches: resume the run to finish it, or delete this folder"}

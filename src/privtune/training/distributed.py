@@ -12,13 +12,14 @@ With ``train.world_size = W > 1``, :func:`privtune.training.loop.run` starts W p
 2. :func:`all_reduce_grads` sums ``p.grad`` over the ranks, so each rank holds the
    clipped sum of the *whole* logical batch: what a single process would hold, up to
    float rounding of the summation order.
-3. Each rank calls :func:`privtune.dp.noise.privatize_` on that sum with a noise
-   generator seeded identically on every rank (with ``secure_noise`` rank 0 draws
-   the seed from the OS and :func:`broadcast_seed` sends it to the others). Every
-   rank therefore adds the *same* sample z ~ N(0, σ²C²I) to the *same* sum, and the
-   released gradient (Σ clipped + z) / B is the one the accountant analyses: noise
-   added once. Child-Tuning_F masks come from the same generator after the noise,
-   so they agree on every rank too, and so does each optimizer step: the replicas
+3. Each rank calls :func:`privtune.dp.noise.privatize_` on that sum with the same
+   key: the step's child of the run's secret root (:mod:`privtune.dp.rng`; with
+   ``secure_rng`` rank 0 draws the 128-bit root from the OS and :func:`broadcast_seed`
+   sends it to the others). Every rank therefore adds the *same* sample
+   z ~ N(0, σ²C²I) to the *same* sum, and the released gradient (Σ clipped + z) / B is
+   the one the accountant analyses: noise added once. Child-Tuning_F masks come from a
+   generator seeded from the run's seed on every rank, so they agree too, and so does
+   each optimizer step: the replicas
    stay identical without a broadcast of parameters (:func:`check_replicas`
    verifies it after the first step and at the end).
 

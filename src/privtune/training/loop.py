@@ -84,8 +84,6 @@ def _lr_lambda(s: RunSettings, steps: int):
     return f
 
 
-
-
 def _all_finite(params) -> bool:
     grads = [p.grad for p in params if p.grad is not None]
     return bool(torch.stack([g.isfinite().all() for g in grads]).all()) if grads else True
@@ -284,7 +282,8 @@ def save_checkpoint(job: Job, ckpt_dir: Path, fp: str, state: dict, start: int, 
 
 @contextlib.contextmanager
 def _secret_left_behind(job: Job, ckpt_dir: Path):
-    """A secure run that stops with a checkpoint says where its secret root is (never silently left)."""
+    """A secure run that stops with a checkpoint (in training, the end-of-run checks or while writing its
+    outputs) says where its secret root is: never silently left."""
     try:
         yield
     except BaseException:
@@ -318,6 +317,9 @@ def run(settings: RunSettings, model_dir: Path, train_file: Path, out_dir: Path,
     if s.untie_lm_head:
         methods.untie_lm_head(base)
     model = methods.apply(base, s.method, s.kind, s.method_options, seed=s.seed, objective=s.objective).to(device)
+    if s.untie_lm_head and methods.head_is_tied(model):
+        raise RuntimeError(f"train.untie_lm_head: the LM head of {model_dir} is tied to the embedding again after "
+                           f"method {s.method!r} was applied; report this with the model and method")
     obj.prepare(model, tok, device)  # before any step: the similarity objective's fixed label embeddings
     job = setup(s, model, obj, tok, train_file, mask_file, device, rank, world)
 
@@ -345,13 +347,13 @@ def run(settings: RunSettings, model_dir: Path, train_file: Path, out_dir: Path,
             if due and state["step"] < job.plan.steps and job.main:
                 save_checkpoint(job, ckpt_dir, fp, state, start, now - t0)
                 last_ckpt = now
-    elapsed = state["seconds"] + time.monotonic() - t0
-    if world > 1:
-        distributed.check_replicas(job.params)  # before any output is written
-        if not job.main:
-            return {}
-    result = write_outputs(job, state, out_dir, mask_file, train_file, elapsed)
-    checkpoint.clear(ckpt_dir)
+        elapsed = state["seconds"] + time.monotonic() - t0
+        if world > 1:
+            distributed.check_replicas(job.params)  # before any output is written
+            if not job.main:
+                return {}
+        result = write_outputs(job, state, out_dir, mask_file, train_file, elapsed)
+        checkpoint.clear(ckpt_dir)
     return result
 
 

@@ -63,6 +63,9 @@ class RunSettings:
         self.secure_rng = bool(self.secure_rng or self.secure_noise)
         if self.on_nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"train.on_nonfinite must be one of {NONFINITE_POLICIES}, got {self.on_nonfinite!r}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"train.max_grad_norm must be > 0 (or null: no whole-gradient clip), "
+                             f"got {self.max_grad_norm!r}")
         if self.epsilon is not None and not self.epsilon > 0:
             raise ValueError(f"epsilon must be > 0 (or absent for a non-private run), got {self.epsilon}")
         if not (isinstance(self.world_size, int) and self.world_size >= 1):
