@@ -15,7 +15,7 @@ rule benchmark_clipping:
         "benchmarks/benchmark_clipping/{device}.tsv"
     params:
         args=lambda wc: benchmark_args(wc.device),
-    threads: workflow.cores  # alone on the machine: its time ratios are not measured beside another job
+    threads: config["threads"]
     resources:
         gpu=lambda wc: 1 if wc.device == "cuda" else 0,
         mem_mb=20000,
