@@ -233,16 +233,68 @@ CHAT = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% e
 
 
 def test_instruct_tokenizer_gets_its_chat_format_and_no_bare_eos_separator():
-    from privtune.objectives import head as tasks
+    from privtune.objectives import head
 
     tok = byte_tokenizer("llama")
-    plain = tasks.encode_table2text(tok, [{"source": "a | b", "references": ["X."]}], 64)[0]
+    plain = head.encode_table2text(tok, [{"source": "a | b", "references": ["X."]}], 64)[0]
     assert tok.decode(plain.input_ids) == "a | b</s> X.</s>"  # Li et al.'s format without a chat template
     tok.chat_template = CHAT
-    prompt = tasks.lm_prompt(tok, "a | b")
-    assert tok.decode(prompt) == (f"<s>system\n{tasks.TABLE2TEXT_INSTRUCTION}</s>\n<s>user\na | b</s>\n"
+    prompt = head.lm_prompt(tok, "a | b")
+    assert tok.decode(prompt) == (f"<s>system\n{head.TABLE2TEXT_INSTRUCTION}</s>\n<s>user\na | b</s>\n"
                                   "<s>assistant\n")
-    enc = tasks.encode_table2text(tok, [{"source": "a | b", "references": ["X."]}], 128)[0]
+    enc = head.encode_table2text(tok, [{"source": "a | b", "references": ["X."]}], 128)[0]
     assert enc.input_ids[: len(prompt)] == prompt
     assert tok.decode(enc.input_ids[len(prompt):]) == "X.</s>"  # the turn: text, then end-of-turn
-    assert enc.labels[: len(prompt)] == [tasks.IGNORE] * len(prompt)
+    assert enc.labels[: len(prompt)] == [head.IGNORE] * len(prompt)
+
+
+TOY_FAMILY = '''
+import torch
+from privtune.objectives.family import Family
+from privtune.objectives.head import collate, encode
+
+
+class Toy(Family):
+    """A made-up family: the head's batches, a loss of the number of tokens per example."""
+
+    def encode(self, tokenizer, records, max_length):
+        return encode(tokenizer, records, "classification", max_length)
+
+    def collate(self, examples, pad_id, device):
+        return collate(examples, pad_id, "classification", device)
+
+    def loss(self, model, batch):
+        return batch["attention_mask"].sum(1).double()
+
+    def logits(self, model, batch):
+        return torch.stack([-batch["attention_mask"].sum(1), batch["attention_mask"].sum(1)], 1).double()
+'''
+
+
+def test_a_new_family_is_one_module_and_one_registry_line(tmp_path, monkeypatch):
+    from privtune.objectives import family
+
+    (tmp_path / "toy_family.py").write_text(TOY_FAMILY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ValueError, match="registered prompt family"):
+        objective("classification", "sst2", "prompt", prompt={"family": "toy"})
+    monkeypatch.setitem(family.REGISTRY, "toy", family.Registered("toy_family:Toy", "nothing"))
+    obj = objective("classification", "sst2", "prompt", prompt={"family": "toy"})
+    assert type(obj.impl).__name__ == "Toy" and obj.family == "toy"
+    tok = byte_tokenizer("bert")
+    enc = obj.encode(tok, RECORDS, 64)
+    batch = obj.collate(enc, tok.pad_token_id, "cpu")
+    assert obj.loss(None, batch).tolist() == [float(len(e.input_ids)) for e in enc]
+    assert obj.predict(torch.nn.Identity(), enc, tok.pad_token_id, "cpu", batch_size=2) == [1] * len(enc)  # the base
+    assert obj.step_record(None, tok, "cpu") == {}  # class's defaults
+
+
+def test_every_registered_family_implements_the_interface():
+    from privtune.objectives import family
+
+    for name in family.REGISTRY:
+        cls = family.family_class(name)
+        assert issubclass(cls, family.Family)
+        for method in ("load", "encode", "collate", "loss"):
+            assert getattr(cls, method) is not getattr(family.Family, method), (name, method)
+        assert cls.predict is not family.Family.predict or cls.logits is not family.Family.logits, name

@@ -8,7 +8,7 @@ import torch
 
 from privtune import models
 
-from privtune.objectives import head as tasks
+from privtune.objectives import head
 from privtune.childtuning.fisher import compute_mask_file
 from privtune.io import read_json, write_jsonl
 from privtune.data.prep import prepare, subsample
@@ -91,13 +91,13 @@ def test_hub_model_offline_is_a_clear_error(tmp_path, monkeypatch):
 
 def test_table2text_loss_is_on_the_target_only():
     tok = models.byte_tokenizer("llama")
-    enc = tasks.encode_table2text(tok, E2E[:1], max_length=128)
+    enc = head.encode_table2text(tok, E2E[:1], max_length=128)
     assert len(enc) == 2  # one example per reference
     e = enc[0]
-    n_prompt = len(tasks.lm_prompt(tok, E2E[0]["source"]))
-    assert all(x == tasks.IGNORE for x in e.labels[:n_prompt]) and e.labels[n_prompt:] == e.input_ids[n_prompt:]
-    short = tasks.encode_table2text(tok, E2E[:1], max_length=20)[0]  # a long table is cut, not the target
-    assert len(short.input_ids) <= 20 and any(x != tasks.IGNORE for x in short.labels)
+    n_prompt = len(head.lm_prompt(tok, E2E[0]["source"]))
+    assert all(x == head.IGNORE for x in e.labels[:n_prompt]) and e.labels[n_prompt:] == e.input_ids[n_prompt:]
+    short = head.encode_table2text(tok, E2E[:1], max_length=20)[0]  # a long table is cut, not the target
+    assert len(short.input_ids) <= 20 and any(x != head.IGNORE for x in short.labels)
 
 
 @pytest.mark.parametrize("epsilon,child", [(None, "vanilla"), (3.0, "vanilla"), (None, "ct_f"), (8.0, "ct_f")])

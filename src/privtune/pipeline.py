@@ -25,7 +25,7 @@ from privtune.choices import METHODS as DP_METHODS
 from privtune import tasks
 from privtune.tasks import task_info
 from privtune.dp import guarantee
-from privtune.objectives import templates
+from privtune.objectives import family as objective_family
 
 
 def canonical(obj):
@@ -192,7 +192,7 @@ def _check_objective(e: dict) -> None:
     info = task_info(e["task"])
     prompt = e.get("prompt") or {}
     try:
-        templates.check(info["kind"], e["task"], e["objective"], info["num_labels"], prompt, prompt.get("family"))
+        objective_family.check(info["kind"], e["task"], e["objective"], info["num_labels"], prompt, prompt.get("family"))
         for meth in e["methods"]:
             check_objective(meth, e["objective"])
     except (ValueError, MethodError) as err:

@@ -130,7 +130,7 @@ def compute_mask_file(model_dir, train_file, out_file, kind: str, num_labels: in
     ``source`` is ``train`` or ``public`` (plain Fisher of ``train_file``) or ``dp``
     (:func:`dp_fisher_information` at ``fisher_epsilon``, δ as training's: ``auto`` = n^-1.1).
     """
-    from privtune.objectives import head as tasks
+    from privtune.objectives import head
     from privtune.childtuning.mask import is_encoder_layer
     from privtune.dp import accounting
     from privtune.io import read_jsonl, torch_save
@@ -146,14 +146,14 @@ def compute_mask_file(model_dir, train_file, out_file, kind: str, num_labels: in
     device = default_device()
     tok = load_tokenizer(model_dir)
     model = load_for_task(model_dir, kind, num_labels).to(device)
-    data = tasks.encode(tok, read_jsonl(train_file), kind, max_length)
+    data = head.encode(tok, read_jsonl(train_file), kind, max_length)
     info = {"p_d": p_d, "source": source, "mode": mode, "data": str(train_file), "model": str(model_dir),
             "seed": seed,
             "examples": len(data), "private": source == "dp"}
     events = []
 
     def loss_fn(m, b):
-        return tasks.per_example_loss(m, b, kind)
+        return head.per_example_loss(m, b, kind)
 
     if source == "dp":
         n = len(data)
@@ -161,7 +161,7 @@ def compute_mask_file(model_dir, train_file, out_file, kind: str, num_labels: in
         event = dp_fisher_event(fisher_epsilon, delta)
         sigma = event.noise_multiplier
         key = rng.fisher_key(rng.secret_root(seed, secure_noise))
-        singles = (tasks.collate([e], tok.pad_token_id, kind, device) for e in data)
+        singles = (head.collate([e], tok.pad_token_id, kind, device) for e in data)
         _set_mode(model, mode)
         scores = dp_fisher_information(model, singles, loss_fn, is_encoder_layer, fisher_clip, sigma, key)
         events = [asdict(event)]
@@ -172,7 +172,7 @@ def compute_mask_file(model_dir, train_file, out_file, kind: str, num_labels: in
                     # public numbers: noise norm over the largest possible signal norm (n·C²)
                     noise_to_max_signal=sigma * math.sqrt(d) / n)
     else:
-        batches = (tasks.collate(data[i: i + batch_size], tok.pad_token_id, kind, device)
+        batches = (head.collate(data[i: i + batch_size], tok.pad_token_id, kind, device)
                    for i in range(0, len(data), batch_size))
         scores = fisher_information(model, batches, loss_fn, is_encoder_layer, mode=mode)
     masks = top_fraction_mask(scores, p_d)

@@ -17,11 +17,13 @@ prompt    Li et al.'s pre-training-aligned formulation for classification, in th
 ========  ==================================================================================
 
 Training and evaluation call only :func:`objective` and the returned object's methods, so
-both use the same encoding, batching, loss and prediction.
+both use the same encoding, batching, loss and prediction. Each family (``head`` and the three
+prompt forms) is one :class:`~privtune.objectives.family.Family` subclass in its own module,
+named by one line of :data:`~privtune.objectives.family.REGISTRY`.
 """
 from __future__ import annotations
 
-from privtune.objectives.templates import FAMILIES, OBJECTIVES  # torch-free: the workflow checks configs with them
+from privtune.objectives.family import FAMILIES, OBJECTIVES, REGISTRY  # torch-free: the workflow checks configs with them
 
 _CORE = ("Objective", "objective", "prompt_family")
 

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from privtune.objectives.head import Encoded, pad_right
+from privtune.objectives.family import Family
 from privtune.objectives.templates import CAUSAL_TEMPLATES as TEMPLATES  # noqa: F401 (the causal templates, re-exported)
 from privtune.objectives.templates import CausalSpec, spec_for  # noqa: F401
 
@@ -126,3 +127,22 @@ def per_example_loss(model: nn.Module, batch: dict) -> Tensor:
     logits = label_word_logits(model, batch)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     return F.cross_entropy(logits, batch["labels"], reduction="none")
+
+
+class NextToken(Family):
+    """The prompt objective on a causal LM: label words scored as the token after the template."""
+
+    def load(self, model_dir: Path) -> nn.Module:
+        return load(model_dir)
+
+    def encode(self, tokenizer, records: list[dict], max_length: int) -> list[CausalEncoded]:
+        return encode(tokenizer, records, self.obj.task, max_length, spec_for(self.obj.task, self.obj.prompt))
+
+    def collate(self, examples: list[CausalEncoded], pad_id: int, device) -> dict:
+        return collate(examples, pad_id, device)
+
+    def loss(self, model, batch: dict) -> Tensor:
+        return per_example_loss(model, batch)
+
+    def logits(self, model, batch: dict) -> Tensor:
+        return label_word_logits(model, batch)

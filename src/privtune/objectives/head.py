@@ -18,9 +18,12 @@ their mean.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from privtune.objectives.family import Family
 
 IGNORE = -100
 
@@ -161,3 +164,25 @@ def generate(model, tokenizer, sources: list[str], device, batch_size: int = 16,
         for row in gen[:, T:]:
             outs.append(tokenizer.decode(row, skip_special_tokens=True).strip())
     return outs
+
+
+class Head(Family):
+    """The standard heads (``objective: head``): a new classification or regression head, or a causal LM's
+    own head on ``table <sep> text``."""
+
+    def load(self, model_dir: Path):
+        from privtune.models.load import load_for_task
+
+        return load_for_task(model_dir, self.obj.kind, self.obj.num_labels)
+
+    def encode(self, tokenizer, records: list[dict], max_length: int) -> list[Encoded]:
+        return encode(tokenizer, records, self.obj.kind, max_length)
+
+    def collate(self, examples: list[Encoded], pad_id: int, device) -> dict:
+        return collate(examples, pad_id, self.obj.kind, device)
+
+    def loss(self, model, batch: dict) -> torch.Tensor:
+        return per_example_loss(model, batch, self.obj.kind)
+
+    def predict(self, model, encoded: list[Encoded], pad_id: int, device, batch_size: int = 64) -> list:
+        return predict_labels(model, encoded, pad_id, self.obj.kind, device, batch_size)

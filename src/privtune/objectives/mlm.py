@@ -58,8 +58,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from privtune.models.load import ModelPrepError, load_tokenizer
+from privtune.objectives.family import Family
 from privtune.objectives.templates import (TEMPLATES, PromptObjectiveError, PromptSpec,  # noqa: F401 (re-exported)
-                                   prompt_spec, supports_prompt)
+                                   mlm_spec, prompt_spec, supports_prompt)
 from privtune.objectives.head import Encoded, pad_right
 
 __all__ = [
@@ -330,3 +331,25 @@ def predict_prompt(model: nn.Module, encoded: list[PromptEncoded], pad_id: int, 
         preds.extend(label_word_logits(model, batch).argmax(-1).tolist())
     return preds
 
+
+
+class MaskedLM(Family):
+    """The prompt objective on a masked LM: label words scored at the template's mask token."""
+
+    def spec(self) -> PromptSpec:
+        return mlm_spec(self.obj.task, self.obj.prompt)
+
+    def load(self, model_dir: Path):
+        return load_prompt_model(model_dir)
+
+    def encode(self, tokenizer, records: list[dict], max_length: int) -> list[PromptEncoded]:
+        return encode_prompt(tokenizer, records, self.obj.task, max_length, spec=self.spec())
+
+    def collate(self, examples: list[PromptEncoded], pad_id: int, device) -> dict:
+        return collate_prompt(examples, pad_id, device)
+
+    def loss(self, model, batch: dict) -> Tensor:
+        return per_example_loss_prompt(model, batch)
+
+    def logits(self, model, batch: dict) -> Tensor:
+        return label_word_logits(model, batch)

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from privtune.objectives.head import Encoded, pad_right
+from privtune.objectives.family import Family
 from privtune.objectives.templates import DESCRIPTIONS, TEMPERATURE, descriptions_for  # noqa: F401 (re-exported)
 
 @dataclass
@@ -145,3 +146,61 @@ def logits(model: nn.Module, batch: dict, temperature: float = TEMPERATURE) -> T
 
 def per_example_loss(model: nn.Module, batch: dict, temperature: float = TEMPERATURE) -> Tensor:
     return F.cross_entropy(logits(model, batch, temperature), batch["labels"], reduction="none")
+
+
+class Similarity(Family):
+    """The prompt objective on a sentence encoder: cosine to each label's description over a temperature;
+    the descriptions' embeddings are taken once from the prepared encoder (``prompt.anchors: fixed``, the
+    default) or re-embedded each step without gradient (``live``)."""
+
+    @property
+    def temperature(self) -> float:
+        return float(self.obj.prompt.get("temperature", TEMPERATURE))
+
+    @property
+    def fixed(self) -> bool:
+        return self.obj.prompt.get("anchors", "fixed") == "fixed"
+
+    def _descriptions(self) -> tuple[str, ...]:
+        return descriptions_for(self.obj.task, self.obj.prompt)
+
+    def _label_ids(self, tokenizer) -> tuple:
+        return tuple(tuple(tokenizer(d)["input_ids"]) for d in self._descriptions())
+
+    def load(self, model_dir: Path) -> nn.Module:
+        return load(model_dir)
+
+    def encode(self, tokenizer, records: list[dict], max_length: int) -> list[SimilarityEncoded]:
+        return encode(tokenizer, records, self.obj.task, max_length, self._descriptions(), self.obj.num_labels)
+
+    def collate(self, examples: list[SimilarityEncoded], pad_id: int, device) -> dict:
+        return collate(examples, pad_id, device)
+
+    def loss(self, model, batch: dict) -> Tensor:
+        return per_example_loss(model, batch, self.temperature)
+
+    def logits(self, model, batch: dict) -> Tensor:
+        return logits(model, batch, self.temperature)
+
+    def prepare(self, model, tokenizer, device, model_dir: Path | None = None) -> None:
+        """The fixed label embeddings: read from ``model_dir``'s ``label_anchors.pt`` when a trained run saved
+        them there, else embedded now by ``model`` (before training: the prepared encoder; they read no
+        training data, so they cost no privacy)."""
+        if not self.fixed:
+            return
+        saved = Path(model_dir) / ANCHORS_FILE if model_dir is not None else None
+        if saved is not None and saved.exists():
+            anchors = torch.load(saved, map_location="cpu")
+        else:
+            anchors = label_embeddings(model, self._label_ids(tokenizer), tokenizer.pad_token_id, device)
+        fix_anchors(model, anchors.to(device))
+
+    def save(self, model, folder: Path) -> None:
+        anchors = fixed_anchors(model)
+        if anchors is not None:
+            torch.save(anchors.cpu(), Path(folder) / ANCHORS_FILE)
+
+    def step_record(self, model, tokenizer, device) -> dict:
+        """The cosine between the label descriptions' current embeddings."""
+        live = label_embeddings(model, self._label_ids(tokenizer), tokenizer.pad_token_id, device)
+        return {"anchor_cosine": round(anchor_cosine(live), 6)}

@@ -1,5 +1,6 @@
 """The prompt objectives' templates, label words and label descriptions, per task, and the checks
-on them: plain data, torch-free, so a config is checked before any job (``privtune.pipeline``).
+on them: plain data, torch-free, so a config is checked before any job
+(:func:`privtune.objectives.family.check`, called by ``privtune.pipeline``).
 
 * masked LM: LM-BFF templates with a mask token, one label word per label (:mod:`privtune.objectives.mlm`);
 * causal LM: a template ending just before the label word (:mod:`privtune.objectives.causal`);
@@ -8,10 +9,6 @@ on them: plain data, torch-free, so a config is checked before any job (``privtu
 from __future__ import annotations
 
 from privtune.tasks import TASKS, CausalSpec, PromptSpec, canonical  # noqa: F401 (re-exported)
-
-OBJECTIVES = ("head", "prompt")
-FAMILIES = ("mlm", "causal", "similarity")
-
 
 class PromptObjectiveError(ValueError):
     """The prompt objective cannot be used for this task or model (use ``objective: head``)."""
@@ -78,30 +75,3 @@ def mlm_spec(task: str, prompt: dict) -> PromptSpec:
     words = prompt.get("label_words")
     return PromptSpec(prompt.get("template", base.template), tuple(words) if words is not None else base.label_words,
                       prompt.get("label_prefix", base.label_prefix))
-
-
-def check(kind: str, task: str | None, name: str, num_labels: int, prompt: dict, family: str | None = None) -> None:
-    """Refuse an objective the task cannot use, before any work (family None: the model is not known yet,
-    so any family's template will do)."""
-    if name not in OBJECTIVES:
-        raise ValueError(f"objective must be one of {OBJECTIVES}, got {name!r}")
-    if name != "prompt":
-        return
-    if kind != "classification":
-        raise PromptObjectiveError(f"objective: prompt scores label words, so it needs a classification task; task "
-                                   f"{task!r} is {kind}. Use objective: head.")
-    words = prompt.get("label_words")
-    if words is not None and len(words) != num_labels:
-        raise ValueError(f"prompt.label_words {words} has {len(words)} words; task {task} has {num_labels} labels")
-    if family not in (None, *FAMILIES):
-        raise ValueError(f"prompt.family must be one of {FAMILIES}, got {family!r}")
-    if prompt.get("anchors", "fixed") not in ("fixed", "live"):
-        raise ValueError(f"prompt.anchors must be fixed or live, got {prompt['anchors']!r}")
-    if family == "mlm":
-        mlm_spec(task, prompt)
-    elif family == "causal":
-        spec_for(task, prompt)
-    elif family == "similarity":
-        descriptions_for(task, prompt)
-    elif not (supports_prompt(task) or canonical(task, strict=False) in CAUSAL_TEMPLATES or "template" in prompt):
-        mlm_spec(task, prompt)
