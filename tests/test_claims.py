@@ -4,8 +4,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from privtune.report import claims, evidence
-from privtune.report.claims import FAILS, HOLDS, INCONCLUSIVE, SUSPECT, UNTESTABLE, evaluate_claims, render
+from privtune.report import claims, claims_md, evidence
+from privtune.report.claims import FAILS, HOLDS, INCONCLUSIVE, SUSPECT, UNTESTABLE, evaluate_claims
+from privtune.report.claims_md import render
 from privtune.report.evidence import RunPredictions
 
 N = 872  # SST-2's dev set
@@ -220,7 +221,7 @@ def test_missing_predictions_make_a_comparison_not_testable():
 def test_report_states_every_rule_its_method_and_each_interval():
     t = _sst2(85.0, 85.0, 84.5, seeds=2)
     results = evaluate_claims(pd.DataFrame(t.rows), None, t.preds)
-    text = render(results, "quick", spread=claims.seed_spread(pd.DataFrame(t.rows)))
+    text = render(results, "quick", spread=claims_md.seed_spread(pd.DataFrame(t.rows)))
     for c in claims.CLAIMS:
         assert c.rule in text and f"({c.key})" in text
     assert "paired two-level bootstrap" in text and "95 % interval [" in text and "**holds**" in text
@@ -230,7 +231,7 @@ def test_report_states_every_rule_its_method_and_each_interval():
 def test_runs_are_listed_against_the_zero_shot_row():
     t = _sst2(80.0, 70.5)
     t.add(objective="head", variant="obj~head", ours=50.0)
-    lines = claims.against_zero_shot(pd.DataFrame(t.rows))
+    lines = claims_md.against_zero_shot(pd.DataFrame(t.rows))
     assert len(lines) == 3  # the head run has no zero-shot row of its own objective
     assert any("ε=8: 70.50, zero-shot 71.00 (-0.50)" in x for x in lines)
 

@@ -14,7 +14,8 @@ One package per concept:
 ``training``      ``settings``, ``loop``, ``optim``, ``checkpoint``, ``distributed``, ``gpus``
 ``metrics``       ``classification`` and one module per generation metric
 ``data``          ``download``, ``readers``, ``prep``
-``report``        ``tables``, ``figures``, ``claims``, ``evidence`` (intervals), ``provenance``
+``report``        ``tables``, ``figures``, ``claims`` (the rules), ``claims_md`` (the report),
+                  ``evidence`` (intervals), ``provenance``
 ``bench``         ``clipping`` (engine against non-private and Opacus), ``batches``
 ================  ==========================================================================
 

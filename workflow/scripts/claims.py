@@ -1,7 +1,7 @@
 from privtune.io import log_to
 
 log_to(snakemake)  # noqa: F821
-from privtune.report.claims import write_claims  # noqa: E402
+from privtune.report.claims_md import write_claims  # noqa: E402
 
 results = write_claims(snakemake.input.tables, snakemake.output[0],  # noqa: F821
                        snakemake.input.get("benchmark"), snakemake.params.preset,  # noqa: F821
