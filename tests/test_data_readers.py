@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from privtune.data import download, readers
+from privtune.data import download, readers, table2text
 from privtune.data.download import DataFileError, ensure_file
 from privtune.data.readers import (
     CLASSIFICATION_TASKS,
@@ -241,7 +241,7 @@ def test_dart_counts_and_first_records(data_dir: Path) -> None:
 
 
 def test_dart_xml_reader_agrees_with_json(data_dir: Path) -> None:
-    xml_records = readers._read_dart_xml(data_dir / "dart" / "dart-v1.1.1-full-dev.xml")
+    xml_records = table2text._read_dart_xml(data_dir / "dart" / "dart-v1.1.1-full-dev.xml")
     assert xml_records == read_split("dart", "dev", data_dir)
 
 

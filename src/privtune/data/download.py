@@ -110,6 +110,18 @@ OFFICIAL_SOURCES: dict[str, str] = {
 }
 
 
+class MalformedDataError(ValueError):
+    """A data file is present but a row/entry cannot be parsed.
+
+    The message names the file, the 1-based line number (when known) and what is wrong.
+    """
+
+    def __init__(self, path: str | Path, problem: str, line: int | None = None) -> None:
+        self.path, self.line, self.problem = Path(path), line, problem
+        where = f"{path}, line {line}" if line is not None else f"{path}"
+        super().__init__(f"{where}: {problem}")
+
+
 class DataFileError(FileNotFoundError):
     """A data file is missing, empty or truncated.
 
