@@ -37,7 +37,7 @@ case $DEVICE in cuda|cpu) ;; *) echo "--device is cuda or cpu, not $DEVICE" >&2;
 if [ "$DEVICE" = cuda ]; then
   PY=${PYTHON:-python3}
   OUT_DIR=${OUT_DIR:-results/benchmarks}
-  # GPT-2 small, medium, large (privtune.bench.clipping.GPU_SHAPES)
+  # GPT-2 small, medium, large (privtune.bench.workload.GPU_SHAPES)
   SHAPES=(--shapes gpt2 gpt2-medium gpt2-large)
   BATCH=16 SEQ=128 FIT_LIMIT=4096 GPU=1 CORES=8
   # seconds per step, 8 minutes in all: 15 (nvidia-smi) + 50 + 45 (environment) + 265 + 100

@@ -2,17 +2,18 @@
 import pytest
 
 from privtune.bench import clipping as bench
+from privtune.bench import measure, workload
 
 
 @pytest.fixture
 def tiny_shape(monkeypatch):
-    monkeypatch.setitem(bench.CPU_SHAPES, "tiny", dict(n_embd=32, n_layer=1, n_head=2))
+    monkeypatch.setitem(workload.CPU_SHAPES, "tiny", dict(n_embd=32, n_layer=1, n_head=2))
     return "tiny"
 
 
 @pytest.mark.parametrize("method", ["nonprivate", "ours_bk", "ours_ghost", "opacus_hooks", "opacus_ghost_untied"])
 def test_each_method_runs_on_a_tiny_gpt2(tiny_shape, method):
-    r = bench.measure_one(bench.CPU_SHAPES[tiny_shape], method, batch=2, seq=8, steps=1, device="cpu")
+    r = measure.measure_one(workload.CPU_SHAPES[tiny_shape], method, batch=2, seq=8, steps=1, device="cpu")
     assert r["status"] == "ok" and r["time_s"] > 0 and r["parameters"] > 0
 
 
@@ -32,7 +33,7 @@ def test_ratios_are_relative_to_nonprivate():
 
 
 def test_interleaved_ratios_are_per_round_and_refusals_are_results(tiny_shape):
-    got = bench.measure_interleaved(bench.CPU_SHAPES[tiny_shape], ["ours_bk", "opacus_ghost"], batch=2, seq=8,
+    got = measure.measure_interleaved(workload.CPU_SHAPES[tiny_shape], ["ours_bk", "opacus_ghost"], batch=2, seq=8,
                                     rounds=3, device="cpu")
     assert got["nonprivate"]["round_ratios"] == [1.0, 1.0, 1.0]
     r = got["ours_bk"]
@@ -42,13 +43,13 @@ def test_interleaved_ratios_are_per_round_and_refusals_are_results(tiny_shape):
 
 def test_length_sorted_batches_benchmark_reports_its_token_bound(tmp_path, tiny_models):
     """bench_batches on a tiny model: both splits run the same logical batches; sorting never pads more."""
-    from privtune.bench.batches import measure
+    from privtune.bench import batches
     from privtune.io import write_jsonl
 
     words = ["good", "bad", "a long and rather winding sentence about a film that went on and on", "ok"]
     write_jsonl(tmp_path / "train.jsonl", [{"text_a": words[i % 4], "text_b": None, "label": i % 2}
                                            for i in range(64)])
-    r = measure(tiny_models / "bert", tmp_path / "train.jsonl", batch=32, physical=8, tokens=128, rounds=1,
+    r = batches.measure(tiny_models / "bert", tmp_path / "train.jsonl", batch=32, physical=8, tokens=128, rounds=1,
                 prompt={"family": "similarity"})  # the byte tokenizer has no one-token label words
     assert r["padded_tokens_ratio"] >= 1.0 and r["logical_batch"] == 32
     assert set(r["examples_per_s"]) == {"padded", "length_sorted"} and min(r["examples_per_s"].values()) > 0
@@ -61,22 +62,22 @@ TINY_BERT = dict(arch="bert", hidden_size=32, num_hidden_layers=1, num_attention
 
 
 def test_sst2_lengths_fall_back_to_the_documented_distribution(monkeypatch):
-    monkeypatch.setattr(bench, "_sst2_texts", lambda: None)
-    lengths, source = bench.sst2_lengths()
+    monkeypatch.setattr(workload, "_sst2_texts", lambda: None)
+    lengths, source = workload.sst2_lengths()
     assert source.startswith("fixed distribution") and len(lengths) == 67349  # SST-2's training sentences
     assert 13.2 < sum(lengths) / len(lengths) < 13.4 and min(lengths) == 3 and max(lengths) == 64
-    assert bench.sst2_lengths(max_length=32)[0].count(32) > 1000  # truncated, as the encoder would
+    assert workload.sst2_lengths(max_length=32)[0].count(32) > 1000  # truncated, as the encoder would
 
 
 def test_wordpiece_approximation():
-    assert bench.approx_wordpieces("a fine film") == 5  # [CLS] a fine film [SEP]
-    assert bench.approx_wordpieces("unquestionably") == 2 + 2  # 14 characters: two pieces
-    assert bench.approx_wordpieces(" ".join(["word"] * 100), max_length=64) == 64
+    assert workload.approx_wordpieces("a fine film") == 5  # [CLS] a fine film [SEP]
+    assert workload.approx_wordpieces("unquestionably") == 2 + 2  # 14 characters: two pieces
+    assert workload.approx_wordpieces(" ".join(["word"] * 100), max_length=64) == 64
 
 
 def test_the_sst2_batch_is_length_sorted_physical_batches_under_the_token_budget(monkeypatch):
-    monkeypatch.setattr(bench, "_sst2_texts", lambda: None)
-    parts, info = bench._sst2_batches(TINY_BERT, "cpu")
+    monkeypatch.setattr(workload, "_sst2_texts", lambda: None)
+    parts, info = workload.sst2_batches(TINY_BERT, "cpu")
     sizes = [p["input_ids"].shape for p in parts]
     assert sum(n for n, _ in sizes) == 40 and info["physical_batches"] == len(parts) > 1
     assert all(n <= 16 and n * t <= 256 for n, t in sizes)
@@ -91,34 +92,34 @@ def test_the_sst2_batch_is_length_sorted_physical_batches_under_the_token_budget
 
 @pytest.mark.parametrize("method", ["nonprivate", "ours_bk", "opacus_hooks", "opacus_ghost"])
 def test_each_method_runs_on_a_tiny_bert_sst2_batch(method):
-    r = bench.measure_one(TINY_BERT, method, batch=0, seq=0, steps=1, device="cpu")
+    r = measure.measure_one(TINY_BERT, method, batch=0, seq=0, steps=1, device="cpu")
     assert r["status"] == "ok" and r["time_s"] > 0 and r["physical_batches"] > 1 and r["mean_length"] > 3
 
 
 @pytest.mark.parametrize("method", ["nonprivate", "ours_bk", "opacus_ghost_untied"])
 def test_bf16_runs(tiny_shape, method):
-    r = bench.measure_one(bench.CPU_SHAPES[tiny_shape], method, batch=2, seq=8, steps=1, device="cpu",
+    r = measure.measure_one(workload.CPU_SHAPES[tiny_shape], method, batch=2, seq=8, steps=1, device="cpu",
                           precision="bf16")
     assert r["status"] == "ok" and r["time_s"] > 0
 
 
 def test_a_group_measures_every_method_in_one_process_and_searches_the_largest_batch(tiny_shape):
-    spec = bench.CPU_SHAPES[tiny_shape]
-    recs = list(bench.measure_group(spec, ["nonprivate", "ours_bk", "opacus_ghost"], batch=2, seq=8, steps=1,
+    spec = workload.CPU_SHAPES[tiny_shape]
+    recs = list(measure.measure_group(spec, ["nonprivate", "ours_bk", "opacus_ghost"], batch=2, seq=8, steps=1,
                                     device="cpu", precision="fp32", fit={"limit": 8}, deadline=None))
     assert [r["method"] for r in recs] == ["nonprivate", "ours_bk", "opacus_ghost"]
     for r in recs[:2]:  # a CPU never runs out of memory: the search stops at the limit
         assert r["status"] == "ok" and r["largest_batch"] == 8 and r["largest_batch_stopped_by"] == "limit"
         assert r["peak_mb"] is None  # a CPU's peak RSS is not per method in a shared process
     assert recs[2]["status"] == "error" and "tying" in recs[2]["error"]
-    late = list(bench.measure_group(spec, ["nonprivate"], 2, 8, 1, "cpu", "fp32", None, deadline=0.0))
+    late = list(measure.measure_group(spec, ["nonprivate"], 2, 8, 1, "cpu", "fp32", None, deadline=0.0))
     assert late == [{"method": "nonprivate", "status": "skipped (time budget)", "error": "no time left in the budget"}]
 
 
 def test_run_group_returns_one_record_per_method(tiny_shape, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", ":".join(__import__("sys").path))
     recs = bench.run_group("tiny", ["nonprivate", "ours_bk"], batch=2, seq=8, steps=1, device="cpu", timeout=300,
-                           spec=bench.CPU_SHAPES[tiny_shape], precision="bf16")
+                           spec=workload.CPU_SHAPES[tiny_shape], precision="bf16")
     assert [(r["method"], r["status"], r["precision"], r["shape"]) for r in recs] == [
         ("nonprivate", "ok", "bf16", "tiny"), ("ours_bk", "ok", "bf16", "tiny")]
 
@@ -142,7 +143,7 @@ def test_the_overhead_profile_accounts_for_the_extra_time():
     np_ = {"forward": 1.0, "backward": 2.0, "optimizer": 0.5}
     bk = {"forward": 1.1, "backward (engine, all)": 2.4, "backward: output gradients": 1.2, "norms": 0.3,
           "noise": 0.2, "optimizer": 0.5}
-    p = bench.overhead_profile(np_, bk, np_time=3.5, bk_time=4.25)
+    p = measure.overhead_profile(np_, bk, np_time=3.5, bk_time=4.25)
     s = p["seconds"]
     assert s["forward"] == pytest.approx(0.1) and s["norms"] == 0.3 and s["noise"] == 0.2
     assert s["backward"] == pytest.approx(2.4 - 0.3 - 2.0) and s["optimizer"] == pytest.approx(0.0)
@@ -152,12 +153,20 @@ def test_the_overhead_profile_accounts_for_the_extra_time():
 
 
 def test_interleaved_profile_and_norm_strategies(tiny_shape):
-    got = bench.measure_interleaved(bench.CPU_SHAPES[tiny_shape], ["ours_bk"], batch=2, seq=8, rounds=2,
+    got = measure.measure_interleaved(workload.CPU_SHAPES[tiny_shape], ["ours_bk"], batch=2, seq=8, rounds=2,
                                     device="cpu", profile=True)
     assert set(got["ours_bk"]["profile"]) >= {"forward", "backward (engine, all)", "norms", "noise", "optimizer"}
     assert set(got["nonprivate"]["profile"]) == {"forward", "backward", "optimizer"}
-    ns = bench.norm_strategies(bench.CPU_SHAPES[tiny_shape], batch=2, seq=8, device="cpu")
+    ns = measure.norm_strategies(workload.CPU_SHAPES[tiny_shape], batch=2, seq=8, device="cpu")
     assert ns["measured_best_s"] <= ns["auto_s"] + 1e-12 and ns["measured_best_s"] <= ns["ghost_only_s"] + 1e-12
     assert "transformer.h.0.attn.c_attn.weight" in ns["per_parameter"]
     held = ns["held_until_the_clipped_sum"]  # what book-keeping keeps until its clipped sum: both kinds
     assert held["layer_inputs_mb"] > 0 and held["output_gradients_and_other_mb"] > 0
+
+
+def test_every_method_has_one_step_factory():
+    from privtune.bench import steps
+
+    assert steps.METHODS == tuple(steps.STEPS) and set(bench.INTERLEAVED) <= set(steps.STEPS)
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        steps.make_step("nope", None, 1)

@@ -16,7 +16,8 @@ One package per concept:
 ``data``          ``download``, ``readers`` (GLUE), ``table2text`` (E2E, DART), ``prep``
 ``report``        ``tables``, ``figures``, ``claims`` (the rules), ``claims_md`` (the report),
                   ``evidence`` (intervals), ``provenance``
-``bench``         ``clipping`` (engine against non-private and Opacus), ``batches``
+``bench``         ``clipping`` (engine against non-private and Opacus: ``workload``, ``steps``, ``measure``),
+                  ``batches``
 ================  ==========================================================================
 
 ``tasks`` is the one registry of task facts; ``pipeline`` is the workflow's (torch-free) glue;
