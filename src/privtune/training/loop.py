@@ -32,7 +32,7 @@ import math
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +90,22 @@ def _all_finite(params) -> bool:
 
 
 @dataclass
+class RunState:
+    """What a run carries from step to step; its checkpoint saves it with the model, the optimizer, the
+    schedule and the generators."""
+    root: int  # the secret root of the noise and the batches (privtune.dp.rng)
+    step: int = 0  # the next step to run
+    log: list = field(default_factory=list)  # train_log.json: per step, only what ε covers or needs no data
+    diagnostics: list = field(default_factory=list)  # a DP run's per-step losses (train.diagnostics only)
+    noise_norms: list = field(default_factory=list)  # the norm of each step's noise (σ·C·√d/B: no data in it)
+    grad_norms: list = field(default_factory=list)  # the clipped sum's norm before noise (diagnostics only)
+    skipped: list = field(default_factory=list)  # steps whose update was skipped (train.on_nonfinite: skip)
+    verified: bool = False  # engine.verify() has run (train.verify_engine)
+    segments: list = field(default_factory=list)  # the step ranges each process ran, across resumes
+    seconds: float = 0.0  # training time of the earlier segments
+
+
+@dataclass
 class Job:
     """Everything a training step needs, fixed before the first step (:func:`setup`)."""
 
@@ -144,7 +160,7 @@ def setup(s: RunSettings, model, obj, tok, train_file: Path, mask_file: Path | N
                mask_gen, masks, mask_info, device, rank, world)
 
 
-def clip_and_sum(job: Job, shard, batch_len: int, state: dict) -> tuple[float, int]:
+def clip_and_sum(job: Job, shard, batch_len: int, state: RunState) -> tuple[float, int]:
     """Run this rank's share of the logical batch through the model in length-sorted physical batches,
     leaving in ``p.grad`` the sum of its per-example gradients, each clipped to C (under DP), or the
     plain gradient of the mean loss over the ``batch_len`` examples of all ranks. Returns the loss sum
@@ -157,11 +173,11 @@ def clip_and_sum(job: Job, shard, batch_len: int, state: dict) -> tuple[float, i
         if plan.private:
             with engine.capture(batch_size=len(chunk)), _autocast(s.precision, job.device):
                 losses = job.obj.loss(job.model, batch)
-            if s.verify_engine and not state["verified"]:
+            if s.verify_engine and not state.verified:
                 # once: every parameter's gradient flows through hooked layers (bf16 autograd
                 # gradients carry ~1e-2 relative rounding, hence the looser tolerance there)
                 engine.verify(losses, rtol=1e-3 if s.precision == "fp32" else 5e-2)
-                state["verified"] = True
+                state.verified = True
                 with engine.capture(batch_size=len(chunk)), _autocast(s.precision, job.device):
                     losses = job.obj.loss(job.model, batch)
             engine.backward(losses)
@@ -174,7 +190,7 @@ def clip_and_sum(job: Job, shard, batch_len: int, state: dict) -> tuple[float, i
     return losses_sum, count
 
 
-def train_step(job: Job, state: dict, step: int, idx) -> tuple[float, bool]:
+def train_step(job: Job, state: RunState, step: int, idx) -> tuple[float, bool]:
     """One optimizer step, in the privacy-critical order: clip (each example) and sum → all-reduce across
     ranks → noise → (check the privatized gradient; clip its total norm if asked) → Child-Tuning mask →
     step. Returns the batch's mean loss (a data statistic: under DP no decision reads it) and whether the
@@ -188,10 +204,10 @@ def train_step(job: Job, state: dict, step: int, idx) -> tuple[float, bool]:
         losses_sum, count = distributed.all_reduce_sum([losses_sum, count], job.device)
     if plan.private:
         if s.diagnostics:  # the clipped sum before noise: a statistic of the data, not covered by ε
-            state["grad_norms"].append(math.sqrt(sum(float(p.grad.float().pow(2).sum()) for p in params
+            state.grad_norms.append(math.sqrt(sum(float(p.grad.float().pow(2).sum()) for p in params
                                                      if p.grad is not None)) / plan.batch_size)
-        state["noise_norms"].append(privatize_(params, plan.noise_multiplier, s.clip_norm, plan.batch_size,
-                                               key=rng.noise_key(state["root"], step)))  # 3. noise, ÷ expected B
+        state.noise_norms.append(privatize_(params, plan.noise_multiplier, s.clip_norm, plan.batch_size,
+                                               key=rng.noise_key(state.root, step)))  # 3. noise, ÷ expected B
     loss = losses_sum / max(1, count)
     if _skip_update(job, step, loss):
         job.opt.zero_grad(set_to_none=True)
@@ -227,16 +243,14 @@ def _skip_update(job: Job, step: int, loss: float) -> bool:
     return skip
 
 
-def new_state(job: Job) -> dict:
-    return {"step": 0, "log": [], "diagnostics": [], "noise_norms": [], "grad_norms": [], "skipped": [],
-            "verified": False, "segments": [], "seconds": 0.0,
-            # the secret root of the noise and of the batches (privtune.dp.rng): the run's seed, or (secure_rng)
-            # 128 bits from the OS, rank 0's on every rank, then only here and in the checkpoint
-            "root": distributed.broadcast_seed(rng.secret_root(job.s.seed, job.s.secure_rng and job.plan.private),
-                                               job.device)}
+def new_state(job: Job) -> RunState:
+    # the secret root of the noise and of the batches (privtune.dp.rng): the run's seed, or (secure_rng)
+    # 128 bits from the OS, rank 0's on every rank, then only here and in the checkpoint
+    return RunState(root=distributed.broadcast_seed(rng.secret_root(job.s.seed, job.s.secure_rng and job.plan.private),
+                                                    job.device))
 
 
-def resume(job: Job, ckpt_dir: Path, fp: str, state: dict) -> dict:
+def resume(job: Job, ckpt_dir: Path, fp: str, state: RunState) -> RunState:
     """The state of a matching checkpoint (model, optimizer, schedule, generators restored), or ``state``."""
     resumed = checkpoint.load(ckpt_dir, fp, log=print if job.main else lambda *_: None)
     if resumed is None:
@@ -250,30 +264,30 @@ def resume(job: Job, ckpt_dir: Path, fp: str, state: dict) -> dict:
     checkpoint.set_rng_state(resumed["rng"], job.mask_gen)
     if job.main:
         print(f"resuming from checkpoint {ckpt_dir} at step {resumed['step']} of {job.plan.steps}", flush=True)
-    return {k: resumed.get(k, state[k]) for k in state}
+    return RunState(**{f.name: resumed.get(f.name, getattr(state, f.name)) for f in fields(RunState)})
 
 
-def record_step(job: Job, state: dict, step: int, idx, loss: float, skip: bool, bar) -> None:
+def record_step(job: Job, state: RunState, step: int, idx, loss: float, skip: bool, bar) -> None:
     """The step's log entry: under DP only what ε covers or needs no data; the rest is a diagnostic."""
     private, s = job.plan.private, job.s
     if skip:
-        state["skipped"].append(step)
+        state.skipped.append(step)
     entry = {"step": step, "lr": job.sched.get_last_lr()[0], **({"skipped": True} if skip else {}),
              **job.obj.step_record(job.model, job.tok, job.device)}
-    state["log"].append(entry if private else {**entry, "loss": loss, "batch": int(len(idx))})
+    state.log.append(entry if private else {**entry, "loss": loss, "batch": int(len(idx))})
     if private and s.diagnostics:
-        state["diagnostics"].append({"step": step, "loss": loss, "batch": int(len(idx))})
+        state.diagnostics.append({"step": step, "loss": loss, "batch": int(len(idx))})
     if private:  # ε spent so far: a function of the settings alone, no data in it
         bar.set_postfix(eps=f"{job.plan.epsilon_after(step + 1, s.accountant):.3g}",
                         **({"loss": f"{loss:.4f}"} if s.diagnostics else {}))
     else:
         bar.set_postfix(loss=f"{loss:.4f}")
-    state["step"] = step + 1
+    state.step = step + 1
 
 
-def save_checkpoint(job: Job, ckpt_dir: Path, fp: str, state: dict, start: int, seconds: float) -> None:
-    segments = [*state["segments"][:-1], {"start": start, "stop": state["step"]}]
-    checkpoint.save(ckpt_dir, {**state, "segments": segments, "seconds": state["seconds"] + seconds,
+def save_checkpoint(job: Job, ckpt_dir: Path, fp: str, state: RunState, start: int, seconds: float) -> None:
+    segments = [*state.segments[:-1], {"start": start, "stop": state.step}]
+    checkpoint.save(ckpt_dir, {**asdict(state), "segments": segments, "seconds": state.seconds + seconds,
                                "model": job.model.state_dict(), "optimizer": job.opt.state_dict(),
                                "scheduler": job.sched.state_dict(), "rng": checkpoint.rng_state(job.mask_gen),
                                "noise_multiplier": job.plan.noise_multiplier}, fp,
@@ -326,12 +340,12 @@ def run(settings: RunSettings, model_dir: Path, train_file: Path, out_dir: Path,
     ckpt_dir = out_dir / "checkpoint"
     fp = checkpoint.fingerprint(asdict(s), train_file, model_dir, mask_file)
     state = resume(job, ckpt_dir, fp, new_state(job))
-    start = state["step"]
-    state["segments"].append({"start": start, "stop": job.plan.steps})
+    start = state.step
+    state.segments.append({"start": start, "stop": job.plan.steps})
     model.train()
     t0 = last_ckpt = time.monotonic()
     batches = sampling.logical_batches(job.plan.dataset_size, job.plan.batch_size, job.plan.steps,
-                                       state["root"], job.plan.sampling, start=start)
+                                       state.root, job.plan.sampling, start=start)
     bar = tqdm(batches, total=job.plan.steps, initial=start, disable=not (progress and job.main), unit="step",
                desc=f"{'DP ε=%g' % s.epsilon if job.plan.private else 'non-private'} {s.child}")
     with _secret_left_behind(job, ckpt_dir):
@@ -342,12 +356,12 @@ def run(settings: RunSettings, model_dir: Path, train_file: Path, out_dir: Path,
             job.sched.step()
             record_step(job, state, step, idx, loss, skip, bar)
             now = time.monotonic()
-            due = ((s.checkpoint_every and state["step"] % s.checkpoint_every == 0)
+            due = ((s.checkpoint_every and state.step % s.checkpoint_every == 0)
                    or (s.checkpoint_minutes and now - last_ckpt >= 60 * s.checkpoint_minutes))
-            if due and state["step"] < job.plan.steps and job.main:
+            if due and state.step < job.plan.steps and job.main:
                 save_checkpoint(job, ckpt_dir, fp, state, start, now - t0)
                 last_ckpt = now
-        elapsed = state["seconds"] + time.monotonic() - t0
+        elapsed = state.seconds + time.monotonic() - t0
         if world > 1:
             distributed.check_replicas(job.params)  # before any output is written
             if not job.main:

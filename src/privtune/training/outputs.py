@@ -17,34 +17,35 @@ from privtune.training.settings import RunSettings
 DIAGNOSTICS = "diagnostics_nonprivate.json"  # a DP run's data statistics, written only with train.diagnostics
 
 
-def write_outputs(job, state: dict, out_dir: Path, mask_file, train_file, elapsed: float) -> dict:
-    """model/, train_log.json, train_metrics.json (and the diagnostics when asked), privacy.json last."""
+def write_outputs(job, state, out_dir: Path, mask_file, train_file, elapsed: float) -> dict:
+    """model/, train_log.json, train_metrics.json (and the diagnostics when asked), privacy.json last, from the
+    run's :class:`~privtune.training.loop.RunState`."""
     s, plan = job.s, job.plan
     total = methods.count_parameters(job.model)[1]
     with atomic_dir(out_dir / "model") as tmp:
         methods.save_trained(job.model, s.method, tmp)
         job.obj.save(job.model, tmp)
         job.tok.save_pretrained(tmp)
-    report = privacy_record(plan, s, mask_file, state["skipped"], job.mask_info, train_file)
-    noise = float(np.mean(state["noise_norms"])) if plan.private else 0.0
+    report = privacy_record(plan, s, mask_file, state.skipped, job.mask_info, train_file)
+    noise = float(np.mean(state.noise_norms)) if plan.private else 0.0
     train_metrics = {
         "steps": plan.steps, "seconds": elapsed, "seconds_per_step": elapsed / plan.steps,
         "trainable_parameters": int(sum(p.numel() for p in job.params)), "total_parameters": total,
         "method": s.method, "objective_family": job.obj.family, "device": str(job.device), "world_size": job.world,
-        "settings": asdict(s), "skipped_steps": state["skipped"], "segments": state["segments"],
+        "settings": asdict(s), "skipped_steps": state.skipped, "segments": state.segments,
         # the norm of the noise of each averaged update, mean over steps (σ·C·√d/B: no data in it)
         "noise_norm_mean": noise, "guarantee_holds": not plan.unaccounted,
         "peak_memory_bytes": (torch.cuda.max_memory_allocated() if job.device.type == "cuda" else None),
         # the last batch's mean loss: a statistic of the training data, so absent under DP
-        **({} if plan.private else {"final_loss": state["log"][-1]["loss"]}),
+        **({} if plan.private else {"final_loss": state.log[-1]["loss"]}),
     }
-    write_json(out_dir / "train_log.json", state["log"])
+    write_json(out_dir / "train_log.json", state.log)
     write_json(out_dir / "train_metrics.json", train_metrics)
     if plan.private and s.diagnostics:
-        grads = float(np.mean(state["grad_norms"]))
+        grads = float(np.mean(state.grad_norms))
         write_json(out_dir / DIAGNOSTICS, {
             "warning": "statistics of the training data that the run's ε does NOT cover: do not release",
-            "steps": state["diagnostics"], "final_loss": state["diagnostics"][-1]["loss"],
+            "steps": state.diagnostics, "final_loss": state.diagnostics[-1]["loss"],
             "gradient_norm_mean": grads, "noise_norm_mean": noise,
             # ‖noise‖ / ‖clipped gradient‖ of the averaged update, mean over steps: grows with the dimension
             "noise_to_signal": noise / max(1e-12, grads)})
