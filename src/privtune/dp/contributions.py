@@ -94,6 +94,11 @@ class OuterSum:
             return float(self.length) * size + size * MEMORY_COST
         return size * MEMORY_COST + float(self.length) * self.cols * (MEMORY_COST // 2)
 
+    def take(self, idx: Tensor, dtype: torch.dtype) -> "OuterSum":
+        """The examples ``idx`` of this contribution, its factors in ``dtype``."""
+        return OuterSum(v=self.v[idx].to(dtype), rows=self.rows, u=None if self.u is None else self.u[idx].to(dtype),
+                        u_idx=None if self.u_idx is None else self.u_idx[idx])
+
     def instantiate(self) -> Tensor:
         """(B, rows, cols) per-example gradients."""
         if self.u is not None:
@@ -176,10 +181,45 @@ def _row_kernel(p: OuterSum, q: OuterSum) -> Tensor:
     return _row_kernel(q, p).transpose(1, 2)
 
 
+def _ghost_terms(p: OuterSum, q: OuterSum) -> Tensor:
+    """(B, Tp, Tq) terms ⟨u_t,u'_s⟩⟨v_t,v'_s⟩ whose sum over (t, s) is ``⟨G_b, G'_b⟩``."""
+    return _row_kernel(p, q) * torch.bmm(p.v, q.v.transpose(1, 2))
+
+
 def ghost_inner(p: OuterSum, q: OuterSum) -> Tensor:
     """Per-example ``⟨G_b, G'_b⟩`` from the factors alone: Σ_{t,s} ⟨u_t,u'_s⟩⟨v_t,v'_s⟩."""
-    kv = torch.bmm(p.v, q.v.transpose(1, 2))
-    return (_row_kernel(p, q) * kv).sum(dim=(1, 2))
+    return _ghost_terms(p, q).sum(dim=(1, 2))
+
+
+# A ghost squared norm is a sum of T² terms of both signs: when the per-token gradients nearly cancel, the
+# sum is far smaller than its terms and float32 rounding of the terms (relative 1e-7 each) swamps it (a norm
+# of 3e-4 read as 1e-3, or a negative square). An example whose sum is below CANCELLATION · ε_float · Σ|terms|
+# (a relative error that may exceed 1/CANCELLATION) has its norm recomputed in float64 from the same
+# factors; the check costs one pass over the (B, T, T) terms, the recomputation only the flagged examples.
+CANCELLATION = 1e3
+
+
+def _ghost_sum(contribs: list[OuterSum]) -> tuple[Tensor, Tensor]:
+    """(Σ_b of ‖Σ_j G_jb‖², the sum of the absolute values of its terms), per example."""
+    total = magnitude = 0
+    for i, p in enumerate(contribs):
+        for j, q in enumerate(contribs[i:], i):
+            terms = _ghost_terms(p, q) * (1 if i == j else 2)
+            total = total + terms.sum(dim=(1, 2))
+            magnitude = magnitude + terms.abs().sum(dim=(1, 2))
+    return total, magnitude
+
+
+def _ghost_norms(contribs: list[OuterSum]) -> Tensor:
+    sq, magnitude = _ghost_sum(contribs)
+    if sq.dtype == torch.float64:
+        return sq
+    bad = ~(sq >= CANCELLATION * torch.finfo(sq.dtype).eps * magnitude)  # NaN included
+    if bad.any():
+        idx = bad.nonzero().squeeze(1)
+        exact, _ = _ghost_sum([c.take(idx, torch.float64) for c in contribs])
+        sq = sq.index_put((idx,), exact.to(sq.dtype))
+    return sq
 
 
 def squared_norms(contribs: list[Contribution], strategy: str = "auto") -> tuple[Tensor, str]:
@@ -196,12 +236,7 @@ def squared_norms(contribs: list[Contribution], strategy: str = "auto") -> tuple
         ghost = sum(c.ghost_cost() for c in contribs) * k
         inst = sum(c.instantiate_cost() for c in contribs)
         if strategy == "ghost" or ghost <= inst:
-            total = 0
-            for i, p in enumerate(contribs):
-                total = total + ghost_inner(p, p)
-                for q in contribs[i + 1:]:
-                    total = total + 2 * ghost_inner(p, q)
-            return total, "ghost"
+            return _ghost_norms(contribs), "ghost"
     grad = contribs[0].instantiate()
     for c in contribs[1:]:
         grad = grad + c.instantiate()
