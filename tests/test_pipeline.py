@@ -48,7 +48,7 @@ def test_run_settings_layering():
 @pytest.mark.parametrize("mutate,key", [
     (lambda c: c["experiments"][0].update(epsilons=[-1]), "epsilons"),
     (lambda c: c["experiments"][0]["train"].update(lr="fast"), "lr"),
-    (lambda c: c["experiments"][0].update(task="imagenet"), "task"),
+    (lambda c: c["experiments"][0].update(task="Image-Net"), "task"),
     (lambda c: cola(c)["child"].update(p_d=1.5), "p_d"),
     (lambda c: c.update(threads=0), "threads"),
 ])
@@ -58,6 +58,13 @@ def test_schema_rejects_bad_values_naming_the_key(mutate, key):
     with pytest.raises(Exception) as err:
         validate(cfg, SCHEMA)
     assert key in str(err.value) or key in repr(err.value)
+
+
+def test_an_unknown_task_is_named_with_where_to_declare_one():
+    cfg = copy.deepcopy(load("config.yaml"))
+    cfg["experiments"][0]["task"] = "imagenet"
+    with pytest.raises(ValueError, match="unknown task 'imagenet'.*user_tasks"):
+        expand_runs(cfg)
 
 
 def test_unknown_model_in_an_experiment_is_named():

@@ -13,7 +13,8 @@ from snakemake.utils import validate
 from conftest import ROOT, copy_workflow
 from privtune.training import gpus
 from privtune.dp import accounting
-from privtune.pipeline import Run, expand_runs, paper_figures, provenance_text, run_settings
+from privtune.pipeline import Run, expand_runs, paper_figures, run_settings
+from privtune.report.provenance import provenance_text
 from privtune.report import figures, tables
 from privtune.report.provenance import software_versions, write_provenance
 

@@ -13,7 +13,8 @@ One package per concept:
                   top2, retrain), ``architectures``
 ``training``      ``settings``, ``loop``, ``optim``, ``checkpoint``, ``distributed``, ``gpus``
 ``metrics``       ``classification`` and one module per generation metric
-``data``          ``download``, ``readers`` (GLUE), ``table2text`` (E2E, DART), ``prep``
+``data``          ``download``, ``readers`` (GLUE), ``table2text`` (E2E, DART), ``user`` (a user's own
+                  dataset, through Hugging Face ``datasets``), ``prep``
 ``report``        ``tables``, ``figures``, ``claims`` (the rules), ``claims_md`` (the report),
                   ``evidence`` (intervals), ``provenance``
 ``bench``         ``clipping`` (engine against non-private and Opacus: ``workload``, ``steps``, ``measure``),

@@ -212,11 +212,13 @@ def _run_index(config: dict) -> dict:
 
 
 def expand_runs(config: dict) -> list[Run]:
+    tasks.register_config_tasks(config)  # a user's own datasets (user_tasks:) join the task registry
     runs, seen = [], set()
     names = [e["name"] for e in config["experiments"]]
     if len(set(names)) != len(names):
         raise ValueError(f"experiment names must be unique in the config: {names}")
     for e in config["experiments"]:
+        tasks.canonical(e["task"])  # a task of the registry or of user_tasks:, else an error naming both
         if e["task"] not in config["datasets"]:
             raise ValueError(f"experiment '{e['name']}': task '{e['task']}' has no entry under datasets: in the config")
         for m in e["models"]:
@@ -341,6 +343,12 @@ def extra_eval_files(task: str) -> list[str]:
     return [f"results/data/{task}/eval_mm.jsonl"] if tasks.task(task).mismatched else []
 
 
+def user_files(config: dict, task: str) -> list[str]:
+    """A user task's local files (the ``prepare_data`` rule's inputs, so that a changed file reruns it)."""
+    spec = (config.get("user_tasks") or {}).get(task) or {}
+    return sorted(set((spec.get("files") or {}).values()))
+
+
 def data_spec(config: dict, task: str, part: str) -> dict:
     """What the ``prepare_data`` rule reads for ``part`` (train, eval, or ``public~SPLIT``) of ``task``."""
     ds = config["datasets"][task]
@@ -377,23 +385,3 @@ def paper_figures(runs: list[Run], paper: str) -> list[str]:
     if any(r.private for r in mine):
         figures.append("epsilon_vs_steps")
     return figures
-
-
-def provenance_text(config: dict, paper: str) -> str:
-    """A few lines for a report caption: the preset and, per experiment of ``paper``, what it ran."""
-    lines = [f"Preset **{config['preset']}**; data from ``{config.get('data_dir')}``."]
-    for e in config["experiments"]:
-        if e["paper"] != paper:
-            continue
-        train = {**config.get("train_defaults", {}), **e.get("train", {})}
-        keys = ("batch_size", "lr", "epochs", "steps", "clip_norm", "optimizer", "sampling", "delta")
-        hp = ", ".join(f"{k}={train[k]}" for k in keys if train.get(k) is not None)
-        sweep = e.get("sweep")
-        lines.append(f"Experiment ``{e['name']}``: task {e['task']}, models {', '.join(e['models'])}, methods "
-                     f"{', '.join(e['methods'])}, ε {', '.join(map(str, e['epsilons']))}, seeds "
-                     f"{', '.join(map(str, e['seeds']))}; {hp}"
-                     + (f"; objective {e['objective']}" if e["objective"] != "head" else "")
-                     + ("; zero-shot row" if e.get("zero_shot") else "")
-                     + (f"; sweep {' × '.join(f'{k} {v}' for k, v in sweep.items())}" if sweep else "")
-                     + (f"; child {canonical(e['child'])}" if set(e["methods"]) & {"ct_f", "ct_d"} else "") + ".")
-    return "\n".join(f"* {line}" for line in lines)

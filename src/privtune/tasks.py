@@ -21,6 +21,9 @@ dart        table2text      bleu, nist, meteor, rouge_l, cider, ter    train, de
 
 DART is scored with the E2E script's metrics and TER (sacreBLEU, lower is better:
 :mod:`privtune.metrics.ter`), which DART's evaluation reports beside them.
+
+A user's own dataset joins the registry from the config (``user_tasks:``, :func:`register_config_tasks`),
+read through Hugging Face ``datasets`` (:mod:`privtune.data.user`).
 """
 from __future__ import annotations
 
@@ -64,6 +67,7 @@ class Task:
     causal: CausalSpec | None = None  # causal-LM prompt (privtune.objectives.causal)
     descriptions: tuple[str, ...] | None = None  # sentence-encoder label descriptions (privtune.objectives.similarity)
     k_shot_files: dict[str, str] = field(default_factory=lambda: dict(K_SHOT_FILES))  # LM-BFF 16-shot split -> file
+    source: dict | None = None  # a user's task (``user_tasks:`` in the config): its files or Hub id and columns
 
     @property
     def main_metric(self) -> str:
@@ -137,7 +141,8 @@ def canonical(name: str, strict: bool = True) -> str:
     key = str(name).strip().lower().replace("-", "").replace("_", "")
     key = _ALIASES.get(key, key)
     if strict and key not in TASKS:
-        raise ValueError(f"unknown task {name!r}; known tasks: {sorted(TASKS)}")
+        raise ValueError(f"unknown task {name!r}; known tasks: {sorted(TASKS)} (a dataset of your own is "
+                         "declared under user_tasks: in the config)")
     return key
 
 
@@ -156,3 +161,54 @@ def task_info(name: str) -> dict:
     t = task(name)
     return {"kind": t.kind, "num_labels": t.num_labels, "metrics": list(t.metrics),
             "label_names": list(t.labels) if t.kind == "classification" else None}
+
+
+BUILTIN = frozenset(TASKS)  # the papers' tasks; a user task may not take one of their names
+USER_METRICS = {"classification": ("accuracy", "f1", "mcc"), "regression": ("pearson", "spearman"),
+                "table2text": (*GENERATION, "ter")}
+DEFAULT_USER_METRICS = {"classification": ("accuracy",), "regression": ("pearson", "spearman"), "table2text": GENERATION}
+
+
+def user_task(name: str, spec: dict) -> Task:
+    """A registry entry for a user's dataset described by ``spec`` (one ``user_tasks:`` entry of the config;
+    the schema documents its keys); an inconsistent entry is an error naming the key."""
+    where = f"user_tasks.{name}"
+    if name in BUILTIN:
+        raise ValueError(f"{where}: {name!r} is one of the papers' tasks; give your dataset another name")
+    kind = spec.get("kind")
+    if kind not in KINDS:
+        raise ValueError(f"{where}.kind must be one of {KINDS}, got {kind!r}")
+    if not spec.get("files") and not spec.get("hub"):
+        raise ValueError(f"{where}: give files (split -> a CSV/TSV/JSON/JSONL/Parquet file) or hub (a dataset id)")
+    if spec.get("files") and spec.get("hub"):
+        raise ValueError(f"{where}: give files or hub, not both")
+    metrics = tuple(spec.get("metrics") or DEFAULT_USER_METRICS[kind])
+    unknown = [m for m in metrics if m not in USER_METRICS[kind]]
+    if unknown:
+        raise ValueError(f"{where}.metrics: {unknown} are not {kind} metrics; choose from {USER_METRICS[kind]}")
+    labels = tuple(str(x) for x in spec.get("labels") or ())
+    if kind == "classification" and len(labels) < 2:
+        raise ValueError(f"{where}.labels: a classification task needs its label names in label-id order "
+                         "(at least two)")
+    if kind == "classification" and len(labels) != 2 and {"f1", "mcc"} & set(metrics):
+        raise ValueError(f"{where}.metrics: f1 and mcc are computed for two labels; {name} has {len(labels)}")
+    text = spec.get("text")
+    if not text or (kind == "table2text" and len(text) != 1) or len(text) > 2:
+        raise ValueError(f"{where}.text: one or two text columns (table-to-text: one, the table's linearisation)")
+    if not spec.get("label"):
+        raise ValueError(f"{where}.label: the label column (table-to-text: the reference text column)")
+    splits = spec.get("files") or spec["hub"].get("splits") or {}
+    if "train" not in splits:
+        raise ValueError(f"{where}: no train split among {sorted(splits)} (files or hub.splits need train)")
+    return Task(name, name, kind, metrics, files=dict(spec.get("files") or {}),
+                labels=labels if kind == "classification" else (), k_shot_files={}, source=dict(spec))
+
+
+def register_config_tasks(config: dict) -> list[str]:
+    """Add the config's ``user_tasks`` to :data:`TASKS` (every process that reads the config calls this:
+    the workflow, each rule's script); returns their names."""
+    added = []
+    for name, spec in (config.get("user_tasks") or {}).items():
+        TASKS[name] = user_task(name, spec)
+        added.append(name)
+    return added

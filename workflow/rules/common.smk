@@ -1,8 +1,8 @@
 # Expand config.yaml's experiments into runs, and helpers the rules share.
 
 from privtune.pipeline import Run, canonical, data_spec, expand_runs, fisher_data, fisher_settings, run_settings
-from privtune.pipeline import extra_eval_files, paper_figures
-from privtune.pipeline import provenance_text as _provenance_text
+from privtune.pipeline import extra_eval_files, paper_figures, user_files
+from privtune.report.provenance import provenance_text as _provenance_text
 
 RUNS = expand_runs(config)
 PAPERS = sorted({r.paper for r in RUNS})

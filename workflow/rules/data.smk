@@ -1,4 +1,6 @@
 rule prepare_data:
+    input:
+        lambda wc: user_files(config, wc.task),
     output:
         "results/data/{task}/{part}.jsonl",
     log:

@@ -124,6 +124,12 @@ def read_split(
     """
     task = canonical(task)
     data_dir = Path(data_dir)
+    if _task(task).source is not None:  # a user's own dataset (user_tasks:), through Hugging Face datasets
+        if k_shot_seed is not None:
+            raise ValueError(f"k_shot_seed is only defined for the GLUE tasks, not the user task {task!r}")
+        from privtune.data.user import read_user_split
+
+        return read_user_split(_task(task), split)
     if task in TABLE2TEXT_TASKS:
         if k_shot_seed is not None:
             raise ValueError(f"k_shot_seed is only defined for classification tasks, not {task!r}")

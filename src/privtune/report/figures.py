@@ -29,7 +29,10 @@ from privtune.io import read_json, save_figure  # noqa: E402
 from privtune.report.tables import main_runs  # noqa: E402
 from privtune.tasks import TASKS  # noqa: E402
 
-MAIN_METRIC = {t.name: t.main_metric for t in TASKS.values()}  # the task registry's (privtune.tasks)
+def main_metric(task: str) -> str | None:
+    """The task's headline metric (the task registry's, user tasks included), None for an unknown task."""
+    t = TASKS.get(task)
+    return t.main_metric if t is not None else None
 
 
 def save_png_svg(fig, out_png) -> None:
@@ -45,7 +48,7 @@ def _main_metric_rows(table_csv) -> pd.DataFrame:
     df = pd.read_csv(table_csv, dtype={"eps": str, "variant": str}, keep_default_na=False,
                      na_values={k: [""] for k in ("ours", "published", "batch_size", "lr", "clip_norm", "ci_low",
                                                   "ci_high")})
-    return df[df.apply(lambda r: MAIN_METRIC.get(r.task) == r.metric, axis=1)]
+    return df[df.apply(lambda r: main_metric(r.task) == r.metric, axis=1)]
 
 
 def error_bars(groups) -> np.ndarray:
@@ -109,7 +112,7 @@ def metric_vs_epsilon(inputs, out_png) -> None:
             ax.scatter(gp.eps.astype(float), gp.published, marker="x", color="k", label=f"paper ({model})")
         ax.set_title(f"{task} · {method}")
         ax.set_xlabel("ε (target)")
-        ax.set_ylabel(MAIN_METRIC.get(task, "metric"))
+        ax.set_ylabel(main_metric(task) or "metric")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     if not groups:
@@ -137,7 +140,7 @@ def hparam_heatmap(inputs, out_png) -> None:
         ax.set_xlabel("learning rate")
         ax.set_ylabel("batch size (expected)")
         ax.set_title(f"{task} · {model} · {method} · ε={eps}")
-        fig.colorbar(im, ax=ax, label=MAIN_METRIC.get(task, "metric"))
+        fig.colorbar(im, ax=ax, label=main_metric(task) or "metric")
     if not groups:
         _empty(axes[0], "no sweep in the config (experiments[].sweep)")
     fig.tight_layout()
@@ -174,7 +177,7 @@ def metric_vs_parameters(inputs, out_png) -> None:
                     f"{m} {v:g}" for m, v in zip(pub.method, pub.published)))
         ax.set_xscale("log")
         ax.set_xlabel("\n".join(["trainable parameters", *notes]), fontsize=8)  # the paper's values beneath
-        ax.set_ylabel(MAIN_METRIC.get(task, "metric"))
+        ax.set_ylabel(main_metric(task) or "metric")
         ax.set_title(f"{task} · {model}: fine-tuning methods")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -199,7 +202,7 @@ def child_tuning_bars(inputs, out_png) -> None:
                         fontsize=8)
         ax.set_xticks(range(len(order)), [m.replace("_", "-").upper() if m != "vanilla" else m for m in order])
         ax.set_title(f"{task} · {model} · ε={eps}")
-        ax.set_ylabel(MAIN_METRIC.get(task, "metric"))
+        ax.set_ylabel(main_metric(task) or "metric")
         ax.axhline(0, color="k", lw=0.5)
         ax.grid(axis="y", alpha=0.3)
     if not groups:

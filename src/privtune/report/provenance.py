@@ -10,6 +10,7 @@ from importlib.metadata import PackageNotFoundError, version
 import yaml
 
 from privtune.io import write_atomic
+from privtune.pipeline import canonical
 
 PACKAGES = ("privtune", "torch", "transformers", "tokenizers", "peft", "opacus", "dp-accounting", "sacrebleu",
             "rouge-score", "pycocoevalcap", "nltk", "numpy", "scipy", "pandas", "matplotlib", "snakemake",
@@ -56,3 +57,23 @@ def write_provenance(config: dict, config_out, versions_out) -> None:
     write_atomic(config_out, "# The configuration of this run, as validated (defaults filled in).\n"
                  + yaml.safe_dump(config, sort_keys=True, allow_unicode=True))
     write_atomic(versions_out, "component\tversion\n" + "".join(f"{k}\t{v}\n" for k, v in software_versions()))
+
+
+def provenance_text(config: dict, paper: str) -> str:
+    """A few lines for a report caption: the preset and, per experiment of ``paper``, what it ran."""
+    lines = [f"Preset **{config['preset']}**; data from ``{config.get('data_dir')}``."]
+    for e in config["experiments"]:
+        if e["paper"] != paper:
+            continue
+        train = {**config.get("train_defaults", {}), **e.get("train", {})}
+        keys = ("batch_size", "lr", "epochs", "steps", "clip_norm", "optimizer", "sampling", "delta")
+        hp = ", ".join(f"{k}={train[k]}" for k in keys if train.get(k) is not None)
+        sweep = e.get("sweep")
+        lines.append(f"Experiment ``{e['name']}``: task {e['task']}, models {', '.join(e['models'])}, methods "
+                     f"{', '.join(e['methods'])}, ε {', '.join(map(str, e['epsilons']))}, seeds "
+                     f"{', '.join(map(str, e['seeds']))}; {hp}"
+                     + (f"; objective {e['objective']}" if e["objective"] != "head" else "")
+                     + ("; zero-shot row" if e.get("zero_shot") else "")
+                     + (f"; sweep {' × '.join(f'{k} {v}' for k, v in sweep.items())}" if sweep else "")
+                     + (f"; child {canonical(e['child'])}" if set(e["methods"]) & {"ct_f", "ct_d"} else "") + ".")
+    return "\n".join(f"* {line}" for line in lines)

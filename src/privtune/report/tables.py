@@ -38,7 +38,10 @@ UNCHECKED_NOTE = (f"{UNCHECKED_MARK} a published value that no person has yet co
 METHOD_ORDER = ["zeroshot", "full", "lora", "rgp", "prefix", "top2", "retrain", "vanilla", "ct_f", "ct_d"]
 METRIC_ORDER = ["accuracy", "accuracy_mm", "f1", "mcc", "pearson", "spearman",
                 "bleu", "nist", "meteor", "rouge_l", "cider", "ter"]
-TASK_NAMES = {t.name: t.display for t in TASKS.values()}  # the task registry's (privtune.tasks)
+def task_name(task: str) -> str:
+    """The tables' name of a task (the task registry's ``display``, user tasks included)."""
+    t = TASKS.get(task)
+    return t.display if t is not None else task
 METRIC_NAMES = {"accuracy": "acc", "accuracy_mm": "acc-mm", "f1": "F1", "mcc": "MCC", "pearson": "Pearson",
                 "spearman": "Spearman", "bleu": "BLEU", "nist": "NIST", "meteor": "METEOR", "rouge_l": "ROUGE-L",
                 "cider": "CIDEr", "ter": "TER"}
@@ -208,7 +211,7 @@ def paper_table(df: pd.DataFrame, paper: str, layout: Layout) -> pd.DataFrame:
     if ours.empty:
         return pd.DataFrame()
     cols = [(t, m) for t in layout.tasks for m in _order(ours[ours.task == t].metric, METRIC_ORDER)]
-    header = [f"{TASK_NAMES[t]} {METRIC_NAMES.get(m, m)}" for t, m in cols]
+    header = [f"{task_name(t)} {METRIC_NAMES.get(m, m)}" for t, m in cols]
     rows = []
     keys = sorted({(r.model, r.method, r.eps) for r in ours.itertuples()},
                   key=lambda k: (k[0], METHOD_ORDER.index(k[1]) if k[1] in METHOD_ORDER else 99, _eps_key(k[2])))
@@ -256,7 +259,7 @@ def methods_table(df: pd.DataFrame, paper: str) -> pd.DataFrame:
             gm, pm = g[g.method == method], p[p.method == method]
             params = gm.trainable_parameters.dropna()
             noise = gm[gm.eps != "inf"].noise_norm.dropna()
-            row = {"task": TASK_NAMES.get(task, task), "model": model, "method": method,
+            row = {"task": task_name(task), "model": model, "method": method,
                    "trainable parameters": f"{int(params.iloc[0]):,}" if len(params) else "",
                    "noise norm of the averaged update (DP)": f"{noise.mean():.3g}" if len(noise) else ""}
             for e in epsilons:
