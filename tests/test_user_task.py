@@ -32,20 +32,27 @@ def registry(monkeypatch):
 def write_reviews(folder, n=40):
     good = ["a fine film", "warm and funny", "a joy to watch", "great acting"]
     bad = ["dull and long", "a waste of time", "badly written", "the worst this year"]
-    rows = [(good[i % 4] if i % 2 else bad[i % 4], "positive" if i % 2 else ("negative" if i % 3 else "0"))
-            for i in range(n)]
+    rows = [(good[i % 4] if i % 2 else bad[i % 4], "positive" if i % 2 else "negative") for i in range(n)]
     for split, part in (("train", rows), ("dev", rows[: n // 2])):
         pd.DataFrame(part, columns=["review", "sentiment"]).to_csv(folder / f"reviews_{split}.csv", index=False)
 
 
 def test_a_csv_classification_task_reads_names_and_ids(tmp_path, monkeypatch, registry):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     write_reviews(tmp_path, 6)
     tasks.register_config_tasks({"user_tasks": {"reviews": REVIEWS}})
     recs = read_split("reviews", "train", tmp_path / "no-such-data-dir")
-    assert [r["label"] for r in recs] == [0, 1, 0, 1, 0, 1]  # "negative", "positive" and the id "0"
+    assert [r["label"] for r in recs] == [0, 1, 0, 1, 0, 1]
     assert recs[1] == {"text_a": "warm and funny", "text_b": None, "label": 1}
     assert tasks.task("reviews").metrics == ("accuracy", "f1") and tasks.task_info("reviews")["num_labels"] == 2
+    assert not list((tmp_path / "hf").rglob("*.arrow"))  # no copy of the data left in the datasets cache
+    # label ids instead of names (whole floats too), text read as written
+    (tmp_path / "ids.csv").write_text("review,sentiment\n007,1\nNA,0.0\n12,1\n")
+    tasks.register_config_tasks({"user_tasks": {"ids": {**REVIEWS, "files": {"train": "ids.csv"}}}})
+    assert read_split("ids", "train", tmp_path) == [{"text_a": "007", "text_b": None, "label": 1},
+                                                     {"text_a": "NA", "text_b": None, "label": 0},
+                                                     {"text_a": "12", "text_b": None, "label": 1}]
 
 
 @pytest.mark.parametrize("ext", [".tsv", ".jsonl", ".parquet"])
@@ -66,7 +73,7 @@ def test_every_local_format_reads_the_same_records(tmp_path, monkeypatch, regist
 def test_a_table_to_text_task_groups_references(tmp_path, monkeypatch, registry):
     monkeypatch.chdir(tmp_path)
     rows = [{"table": "name : A | food : x", "text": "A serves x."}, {"table": "name : B", "text": "B."},
-            {"table": "name : A | food : x", "text": "At A, x is served."}]
+            {"table": "name : A | food : x", "text": "At A, x is served."}, {"table": "name : C", "text": None}]
     (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     tasks.register_config_tasks({"user_tasks": {"captions": {"kind": "table2text", "files": {"train": "t.jsonl"},
                                                              "text": ["table"], "label": "text"}}})
@@ -78,7 +85,7 @@ def test_a_table_to_text_task_groups_references(tmp_path, monkeypatch, registry)
 def test_bad_input_is_an_error_naming_the_key_file_or_column(tmp_path, monkeypatch, registry):
     monkeypatch.chdir(tmp_path)
     write_reviews(tmp_path, 4)
-    with pytest.raises(ValueError, match="user_tasks.sst2: 'sst2' is one of the papers' tasks"):
+    with pytest.raises(ValueError, match=r"user_tasks.sst2: 'sst2' is \(a spelling of\) one of the papers' tasks"):
         tasks.user_task("sst2", REVIEWS)
     with pytest.raises(ValueError, match=r"user_tasks.r.metrics: \['bleu'\] are not classification metrics"):
         tasks.user_task("r", {**REVIEWS, "metrics": ["bleu"]})
@@ -96,10 +103,26 @@ def test_bad_input_is_an_error_naming_the_key_file_or_column(tmp_path, monkeypat
         read_split("gone", "test", tmp_path)
     with pytest.raises(ValueError, match=r"no column \['stars'\].*\['review', 'sentiment'\]"):
         read_split("wrongcol", "train", tmp_path)
-    with pytest.raises(MalformedDataError, match=r"reviews_train.csv: row 2: label 'positive' is neither"):
+    with pytest.raises(MalformedDataError, match=r"reviews_train.csv: row 1: label 'negative' is not one of"):
         read_split("badlabel", "train", tmp_path)
     with pytest.raises(ValueError, match="unknown task 'nope'.*user_tasks"):
         tasks.task("nope")
+    with pytest.raises(ValueError, match="a spelling of"):
+        tasks.user_task("mnlimm", REVIEWS)  # an alias of MNLI would read MNLI
+    with pytest.raises(ValueError, match="looked up as 'mydata'"):
+        tasks.user_task("My_Data", REVIEWS)
+    for body, problem in (("a,negative\nb,1\n", r"row 2: label '1' is not one of .*one or the other"),
+                          ("a,negative\nb,\n", r"row 2: no label in column 'sentiment'"),
+                          (",negative\n", r"row 1: empty 'review'")):
+        (tmp_path / "bad.csv").write_text("review,sentiment\n" + body)
+        tasks.register_config_tasks({"user_tasks": {"bad": {**REVIEWS, "files": {"train": "bad.csv"}}}})
+        with pytest.raises(MalformedDataError, match=problem):
+            read_split("bad", "train", tmp_path)
+    (tmp_path / "nan.jsonl").write_text('{"s1": "a", "s2": "b", "score": NaN}\n')
+    tasks.register_config_tasks({"user_tasks": {"nanscore": {"kind": "regression", "files": {"train": "nan.jsonl"},
+                                                             "text": ["s1", "s2"], "label": "score"}}})
+    with pytest.raises(MalformedDataError, match="row 1: no label"):
+        read_split("nanscore", "train", tmp_path)
 
 
 CONFIG = """
@@ -157,6 +180,7 @@ def test_the_tiny_stages_run_on_a_users_file(tmp_path, data_dir):
     xu = pd.read_csv(work / "results/tables/xu2021.csv")
     assert set(xu.method) >= {"vanilla", "ct_f", "ct_d"} and xu.ours.notna().all()
     assert (work / "results/data/reviews/train.jsonl").read_text().count("\n") == 40
+    assert "reviews" not in (work / "results/claims.md").read_text()  # the papers' claims: the papers' tasks
     # the user's file is an input of the data rule: a change to it reruns what depends on it
     dry = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--configfile", "config/user.yaml", "--", *targets],
                          cwd=work, capture_output=True, text=True, env=env)

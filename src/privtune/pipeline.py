@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 from dataclasses import dataclass
 
 from privtune.choices import CHILD_METHODS, MethodError, check_objective
@@ -346,7 +347,7 @@ def extra_eval_files(task: str) -> list[str]:
 def user_files(config: dict, task: str) -> list[str]:
     """A user task's local files (the ``prepare_data`` rule's inputs, so that a changed file reruns it)."""
     spec = (config.get("user_tasks") or {}).get(task) or {}
-    return sorted(set((spec.get("files") or {}).values()))
+    return sorted({os.path.expanduser(f) for f in (spec.get("files") or {}).values()})
 
 
 def data_spec(config: dict, task: str, part: str) -> dict:

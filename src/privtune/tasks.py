@@ -173,8 +173,12 @@ def user_task(name: str, spec: dict) -> Task:
     """A registry entry for a user's dataset described by ``spec`` (one ``user_tasks:`` entry of the config;
     the schema documents its keys); an inconsistent entry is an error naming the key."""
     where = f"user_tasks.{name}"
-    if name in BUILTIN:
-        raise ValueError(f"{where}: {name!r} is one of the papers' tasks; give your dataset another name")
+    if name in BUILTIN or canonical(name, strict=False) in BUILTIN:
+        raise ValueError(f"{where}: {name!r} is (a spelling of) one of the papers' tasks; give your dataset "
+                         "another name")
+    if canonical(name, strict=False) != name:
+        raise ValueError(f"{where}: a task name is lowercase letters and digits (it would be looked up as "
+                         f"{canonical(name, strict=False)!r})")
     kind = spec.get("kind")
     if kind not in KINDS:
         raise ValueError(f"{where}.kind must be one of {KINDS}, got {kind!r}")

@@ -10,6 +10,7 @@ rule prepare_data:
     params:
         data_dir=config["data_dir"],
         spec=lambda wc: data_spec(config, wc.task, wc.part),
+        user=lambda wc: canonical((config.get("user_tasks") or {}).get(wc.task)),  # a changed entry reruns it
     threads: 1
     conda:
         "../../envs/privtune.yaml"

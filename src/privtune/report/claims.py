@@ -136,7 +136,9 @@ def headline(df: pd.DataFrame) -> pd.DataFrame:
     """Rows of each task's headline metric, with an ``objective`` column even for old tables."""
     if df.empty:
         return df
-    df = df[df.apply(lambda r: r.task in TASKS and TASKS[r.task].main_metric == r.metric, axis=1)].copy()
+    # the papers' tasks only: a user's own dataset (user_tasks:) is in the tables, not in the papers' claims
+    df = df[df.apply(lambda r: r.task in TASKS and TASKS[r.task].source is None
+                     and TASKS[r.task].main_metric == r.metric, axis=1)].copy()
     for col, default in (("objective", "head"), ("variant", ""), ("clip_norm", math.nan), ("paper", "")):
         if col not in df:
             df[col] = default
