@@ -140,8 +140,8 @@ def test_every_rank_resumes_from_the_checkpoint(trained, setup, monkeypatch):
     out = root / "resumed"
     real = checkpoint.save
 
-    def save_then_crash(folder, state, fp):
-        real(folder, state, fp)
+    def save_then_crash(folder, state, fp, **kw):
+        real(folder, state, fp, **kw)
         if state["step"] == 4:
             raise Crash("stopped after the checkpoint at step 4")
 

@@ -203,31 +203,38 @@ def _ghost_sum(contribs: list[OuterSum]) -> tuple[Tensor, Tensor]:
     """(Σ_b of ‖Σ_j G_jb‖², the sum of the absolute values of its terms), per example."""
     total = magnitude = 0
     for i, p in enumerate(contribs):
-        for j, q in enumerate(contribs[i:], i):
-            terms = _ghost_terms(p, q) * (1 if i == j else 2)
-            total = total + terms.sum(dim=(1, 2))
-            magnitude = magnitude + terms.abs().sum(dim=(1, 2))
+        for q in contribs[i + 1:]:
+            terms = _ghost_terms(p, q)
+            total = total + 2 * terms.sum(dim=(1, 2))
+            magnitude = magnitude + 2 * terms.abs().sum(dim=(1, 2))
+        terms = _ghost_terms(p, p)
+        total = total + terms.sum(dim=(1, 2))
+        magnitude = magnitude + terms.abs().sum(dim=(1, 2))
     return total, magnitude
 
 
-def _ghost_norms(contribs: list[OuterSum]) -> Tensor:
-    sq, magnitude = _ghost_sum(contribs)
+def cancelled(sq: Tensor, magnitude: Tensor) -> Tensor | None:
+    """(B,) bool: the examples whose float32 ghost square may be swamped by rounding (NaN and negative
+    squares included); None in float64. No host synchronisation."""
     if sq.dtype == torch.float64:
+        return None
+    return ~(sq >= CANCELLATION * torch.finfo(sq.dtype).eps * magnitude)
+
+
+def settle(contribs: list[Contribution], sq: Tensor, flags: Tensor | None) -> Tensor:
+    """``sq`` with the ``flags`` examples recomputed in float64 from the same factors (clamped at 0: a
+    square; NaN stays NaN, and the engine then drops that example)."""
+    if flags is None or not bool(flags.any()):
         return sq
-    bad = ~(sq >= CANCELLATION * torch.finfo(sq.dtype).eps * magnitude)  # NaN included
-    if bad.any():
-        idx = bad.nonzero().squeeze(1)
-        exact, _ = _ghost_sum([c.take(idx, torch.float64) for c in contribs])
-        sq = sq.index_put((idx,), exact.to(sq.dtype))
-    return sq
+    idx = flags.nonzero().squeeze(1)
+    exact, _ = _ghost_sum([c.take(idx, torch.float64) for c in contribs])
+    return sq.index_put((idx,), exact.clamp_min(0).to(sq.dtype))
 
 
-def squared_norms(contribs: list[Contribution], strategy: str = "auto") -> tuple[Tensor, str]:
-    """Per-example squared norm of the sum of ``contribs`` (all for one parameter).
-
-    ``strategy``: ``auto`` (cheaper of ghost and instantiation, by FLOPs),
-    ``ghost`` or ``instantiate``. Returns the norms and the strategy used.
-    """
+def unsettled_squared_norms(contribs: list[Contribution], strategy: str = "auto"
+                            ) -> tuple[Tensor, str, Tensor | None]:
+    """:func:`squared_norms` without the float64 recomputation: (squares, strategy, the examples to settle
+    or None). The engine settles every parameter after one host synchronisation per physical batch."""
     if strategy not in ("auto", "ghost", "instantiate"):
         raise ValueError(f"unknown norm strategy {strategy!r}; use auto, ghost or instantiate")
     ghostable = all(isinstance(c, OuterSum) for c in contribs)
@@ -236,8 +243,24 @@ def squared_norms(contribs: list[Contribution], strategy: str = "auto") -> tuple
         ghost = sum(c.ghost_cost() for c in contribs) * k
         inst = sum(c.instantiate_cost() for c in contribs)
         if strategy == "ghost" or ghost <= inst:
-            return _ghost_norms(contribs), "ghost"
+            sq, magnitude = _ghost_sum(contribs)
+            return sq, "ghost", cancelled(sq, magnitude)
+    return _instantiated_squares(contribs), "instantiate", None
+
+
+def squared_norms(contribs: list[Contribution], strategy: str = "auto") -> tuple[Tensor, str]:
+    """Per-example squared norm of the sum of ``contribs`` (all for one parameter).
+
+    ``strategy``: ``auto`` (the cheaper of ghost and instantiation by the cost model above, which
+    leaves out the cancellation check's one pass over the (B, T, T) terms), ``ghost`` or
+    ``instantiate``. Returns the norms and the strategy used.
+    """
+    sq, how, flags = unsettled_squared_norms(contribs, strategy)
+    return settle(contribs, sq, flags), how
+
+
+def _instantiated_squares(contribs: list[Contribution]) -> Tensor:
     grad = contribs[0].instantiate()
     for c in contribs[1:]:
         grad = grad + c.instantiate()
-    return grad.flatten(1).pow(2).sum(1), "instantiate"
+    return grad.flatten(1).pow(2).sum(1)

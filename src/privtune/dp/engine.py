@@ -36,7 +36,7 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from privtune.dp.contributions import Contribution, squared_norms
+from privtune.dp.contributions import Contribution, settle, squared_norms, unsettled_squared_norms
 from privtune.dp.layers import (Handler, UnsupportedLayerError, embedding, find_handler, needs_probe,
                                 probe_affine_norm)
 
@@ -242,12 +242,18 @@ class GhostClipEngine:
     def _norms(self, contribs: dict[int, list[Contribution]], batch: int, device) -> Tensor:
         sq = torch.zeros(batch, dtype=torch.float64 if self._float64() else torch.float32, device=device)
         self.last_strategies = {}
+        parts = []
         for p in self.params:
             cs = contribs.get(id(p))
             if cs:
-                n2, how = squared_norms(cs, self.norm_strategy)
-                sq = sq + n2.to(sq.dtype)
+                n2, how, flags = unsettled_squared_norms(cs, self.norm_strategy)
+                parts.append((cs, n2, flags))
                 self.last_strategies[self.param_names[id(p)]] = how
+        flagged = [f.any() for _, _, f in parts if f is not None]
+        if flagged and bool(torch.stack(flagged).any()):  # one host synchronisation per physical batch
+            parts = [(cs, settle(cs, n2, flags), None) for cs, n2, flags in parts]
+        for _, n2, _ in parts:
+            sq = sq + n2.to(sq.dtype)
         return sq.sqrt()
 
     def _float64(self) -> bool:
