@@ -320,3 +320,16 @@ def test_ct_f_masks_draw_from_a_stream_independent_of_the_noise(tiny_models, tmp
         norms[child] = out["train"]["noise_norm_mean"]
         assert json.loads((tmp_path / child / "privacy.json").read_text())["steps"] == 3
     assert norms["vanilla"] == norms["ct_f"]
+
+
+def test_the_dropout_stream_is_its_own():
+    """A data-parallel run's dropout seeds come from a keyed stream of the public seed: per rank and step,
+    and not the sampler's SeedSequence([seed, step]) (rank 0's used to coincide with it)."""
+    import numpy as np
+
+    from privtune.dp import rng
+
+    seeds = {(s, r): rng.dropout_seed(7, s, r) for s in range(3) for r in range(2)}
+    assert len(set(seeds.values())) == len(seeds)
+    sampler_words = {int(np.random.SeedSequence([7, s]).generate_state(1)[0]) for s in range(3)}
+    assert not sampler_words & set(seeds.values())

@@ -22,6 +22,7 @@ noise      ``SeedSequence(root, spawn_key=(1, step))``            secret
 sampler    ``default_rng([root, step])`` (Poisson batches)        secret
 masks      ``SeedSequence(seed, spawn_key=(2, 0))`` → generator   public
 DP Fisher  ``SeedSequence(root, spawn_key=(3, 0))``               secret
+dropout    ``SeedSequence(seed, spawn_key=(4, step, rank))``      public (data-parallel)
 =========  =====================================================  =======================
 
 Why they cannot coincide: a SeedSequence hashes its entropy words, zero-padded to its pool of four
@@ -37,7 +38,7 @@ import secrets
 import numpy as np
 import torch
 
-NOISE, MASK, FISHER = 1, 2, 3
+NOISE, MASK, FISHER, DROPOUT = 1, 2, 3, 4
 SECURE_BITS = 128
 
 
@@ -60,6 +61,12 @@ def mask_generator(seed: int, device) -> torch.Generator:
     """CT_F's mask generator, from the public root (the run's seed) alone."""
     word = int(np.random.SeedSequence(int(seed), spawn_key=(MASK, 0)).generate_state(1, np.uint64)[0] >> 1)
     return torch.Generator(device=device).manual_seed(word)
+
+
+def dropout_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of torch's global generator (dropout) for ``step`` on ``rank`` of a data-parallel run:
+    from the public seed, a stream of its own (not the sampler's ``[seed, step]``)."""
+    return int(np.random.SeedSequence(int(seed), spawn_key=(DROPOUT, int(step), int(rank))).generate_state(1)[0])
 
 
 def words(root: int, n: int = SECURE_BITS // 32) -> list[int]:

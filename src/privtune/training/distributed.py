@@ -33,7 +33,7 @@ guarantee than the one reported.
 
 Only rank 0 writes outputs and checkpoints. Dropout is the one randomness that
 differs between ranks: each rank reseeds torch's global generator at each step
-from ``(seed, step, rank)`` (:func:`step_seed`), so ranks do not share dropout masks
+from ``(seed, step, rank)`` (:func:`privtune.dp.rng.dropout_seed`), so ranks do not share dropout masks
 and a resumed run (every rank loads rank 0's checkpoint) draws what an
 uninterrupted one would. A failed rank makes :func:`launch` stop the others and
 raise :class:`RankError` naming it; collectives time out after
@@ -52,7 +52,6 @@ import time
 import traceback
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -202,11 +201,6 @@ def launch(fn, world_size: int, args: tuple) -> None:
 def shard(idx, rank: int, world_size: int):
     """This rank's part of a logical batch: every ``world_size``-th index from ``rank`` (possibly none)."""
     return idx[rank::world_size]
-
-
-def step_seed(seed: int, step: int, rank: int) -> int:
-    """The seed of torch's global generator (dropout) for ``step`` on ``rank``."""
-    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
 
 
 def all_reduce_grads(params) -> None:

@@ -197,7 +197,7 @@ def train_step(job: Job, state: RunState, step: int, idx) -> tuple[float, bool]:
     update was skipped."""
     s, plan, params = job.s, job.plan, job.params
     if job.world > 1:
-        torch.manual_seed(distributed.step_seed(s.seed, step, job.rank))  # dropout: per rank, resumable
+        torch.manual_seed(rng.dropout_seed(s.seed, step, job.rank))  # dropout: per rank, resumable
     losses_sum, count = clip_and_sum(job, distributed.shard(idx, job.rank, job.world), len(idx), state)  # 1. clip
     if job.world > 1:  # 2. every rank now holds the whole batch's gradient sum and loss
         distributed.all_reduce_grads(params)
