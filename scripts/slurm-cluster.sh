@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A one-node SLURM cluster on this machine, to run the workflow through profiles/slurm for real.
+# A one-node SLURM cluster on the local machine, to run the workflow through profiles/slurm for real.
 #
 #   bash scripts/slurm-cluster.sh start    # install (Debian, as root) and start munged, slurmctld, slurmd
 #   bash scripts/slurm-cluster.sh status   # sinfo, or "down"
@@ -146,6 +146,7 @@ start() {
         echo "slurm-cluster: start needs root (the daemons run as root; the fake GPUs are device nodes)" >&2
         exit 1
     fi
+    mkdir -p "$STATE"
     mkdir -p "$STATE"
     install_packages
     write_config
