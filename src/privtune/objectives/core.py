@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from privtune.objectives import family as families
@@ -41,7 +42,7 @@ class Objective:
         # refuse a task without a template now, not mid-run
         families.check(self.kind, self.task, self.name, self.num_labels, self.prompt, self.family)
 
-    @property
+    @cached_property  # resolved once per objective, not on every batch (frozen: cached in __dict__)
     def impl(self) -> families.Family:
         """The registered family that does the work."""
         key = families.key(self.name, self.family)

@@ -76,8 +76,9 @@ def check(kind: str, task: str | None, name: str, num_labels: int, prompt: dict,
         raise ValueError(f"prompt.label_words {words} has {len(words)} words; task {task} has {num_labels} labels")
     forms = [f for f in REGISTRY if f != "head"]
     if family is not None and family not in forms:
+        known = "; ".join(f"{f}: {REGISTRY[f].needs}" for f in forms)
         raise ValueError(f"prompt.family must be a registered prompt family {forms} "
-                         f"(privtune.objectives.family.REGISTRY), got {family!r}")
+                         f"(privtune.objectives.family.REGISTRY), got {family!r}. Registered: {known}")
     if prompt.get("anchors", "fixed") not in ("fixed", "live"):
         raise ValueError(f"prompt.anchors must be fixed or live, got {prompt['anchors']!r}")
     if family is not None:
