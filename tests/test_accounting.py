@@ -64,3 +64,41 @@ def test_epsilon_spent_so_far_grows_to_the_reported_epsilon():
     plan = plan_privacy(RunSettings(kind="classification", epsilon=3.0, batch_size=50, steps=20), 1000)
     spent = [plan.epsilon_after(k) for k in (0, 1, 10, 20)]
     assert spent[0] == 0.0 and spent == sorted(spent) and spent[-1] == pytest.approx(3.0, rel=0.01)
+
+
+def _reference_sigma(target, delta, q, steps, prior=(), accountant="rdp"):
+    """A plain geometric bisection to 1e-6 relative: the σ the library's calibration must find."""
+    def eps(sigma):
+        return epsilon([*prior, GaussianEvent(sigma, q, steps)], delta, accountant)
+
+    lo, hi = 0.05, 50.0
+    assert eps(lo) > target >= eps(hi)
+    while (hi - lo) / hi > 1e-6:
+        mid = (lo * hi) ** 0.5
+        lo, hi = (mid, hi) if eps(mid) > target else (lo, mid)
+    return hi
+
+
+@pytest.mark.parametrize("target,q,steps,prior,accountant", [
+    (3.0, 0.02, 200, (), "rdp"),
+    (8.0, 1024 / 42061, 1000, (), "rdp"),
+    (8.0, 0.05, 80, (GaussianEvent(5.0, 1.0, 1, "dp-fisher"),), "rdp"),
+    (3.0, 0.05, 50, (), "dpa_rdp"),
+])
+def test_library_calibration_finds_the_reference_sigma(target, q, steps, prior, accountant):
+    """dp-accounting's calibrate_dp_mechanism, asked through our accountant adapter, returns the
+    smallest σ within the target (to its tolerance), composed events and either accountant alike."""
+    delta = 1e-5
+    sigma = calibrate_noise(target, delta, q, steps, accountant, prior=prior)
+    reference = _reference_sigma(target, delta, q, steps, prior, accountant)
+    assert sigma == pytest.approx(reference, rel=2e-4)
+    assert epsilon([*prior, GaussianEvent(sigma, q, steps)], delta, accountant) <= target
+
+
+def test_the_adapter_refuses_a_mechanism_it_does_not_account():
+    import dp_accounting
+
+    from privtune.dp.accounting import _run_accountant_class
+
+    with pytest.raises(dp_accounting.UnsupportedEventError, match="Poisson-subsampled Gaussian"):
+        _run_accountant_class()("rdp").compose(dp_accounting.LaplaceDpEvent(1.0))

@@ -9,7 +9,7 @@ independent accountant says).
 """
 from __future__ import annotations
 
-import math
+import functools
 import warnings
 from dataclasses import asdict, dataclass
 
@@ -74,25 +74,77 @@ def epsilon(events: list[GaussianEvent], delta: float, accountant: str = "rdp") 
     raise ValueError(f"unknown accountant {accountant!r}; choose one of {ACCOUNTANTS}")
 
 
+@functools.cache
+def _run_accountant_class():
+    """A :class:`dp_accounting.PrivacyAccountant` whose ε is :func:`epsilon` under the run's own
+    accountant, so that dp-accounting's calibration finds the σ whose ε the run reports
+    (Opacus' RDP by default), not a second accountant's. It takes Poisson-subsampled Gaussian
+    events, self-composed and composed (a DP Fisher pass, then training)."""
+    import dp_accounting
+
+    class RunAccountant(dp_accounting.PrivacyAccountant):
+        def __init__(self, accountant: str) -> None:
+            super().__init__(dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
+            self.accountant = accountant
+            self.events: list[GaussianEvent] = []
+
+        def _maybe_compose(self, event, count: int, do_compose: bool):
+            if isinstance(event, dp_accounting.NoOpDpEvent):
+                return None
+            if isinstance(event, dp_accounting.ComposedDpEvent):
+                for e in event.events:
+                    if (error := self._maybe_compose(e, count, do_compose)) is not None:
+                        return error
+                return None
+            if isinstance(event, dp_accounting.SelfComposedDpEvent):
+                return self._maybe_compose(event.event, count * event.count, do_compose)
+            if (isinstance(event, dp_accounting.PoissonSampledDpEvent)
+                    and isinstance(event.event, dp_accounting.GaussianDpEvent)):
+                if do_compose:
+                    self.events.append(GaussianEvent(event.event.noise_multiplier, event.sampling_probability, count))
+                return None
+            return self.CompositionErrorDetails(event, "only Poisson-subsampled Gaussian events are accounted")
+
+        def get_epsilon(self, target_delta: float) -> float:
+            return epsilon(self.events, target_delta, self.accountant)
+
+    return RunAccountant
+
+
+def _as_dp_event(e: GaussianEvent):
+    import dp_accounting
+
+    return dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(e.sample_rate, dp_accounting.GaussianDpEvent(e.noise_multiplier)),
+        e.steps)
+
+
 def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int,
                     accountant: str = "rdp", prior: tuple[GaussianEvent, ...] = (),
-                    tolerance: float = 0.005) -> float:
+                    tolerance: float = 1e-4) -> float:
     """Smallest σ (to ``tolerance`` relative) whose composition with ``prior`` spends ≤ target ε.
 
-    Bisection on σ with the chosen accountant; the result satisfies the target
-    (ε(σ) ≤ target) rather than approximating it from either side.
+    dp-accounting's ``calibrate_dp_mechanism`` (Brent's method, then a check that the σ
+    returned spends no more than the target) over the composed event ``prior`` + training,
+    with ε from ``accountant`` (the one the run reports). The bracket is found here by
+    doubling from σ = 1, so that the error messages say which side failed.
     """
+    import dp_accounting
+
     if target_epsilon <= 0:
         raise ValueError(f"target epsilon must be > 0, got {target_epsilon}")
     prior = tuple(prior)
-
-    def eps(sigma: float) -> float:
-        return epsilon([*prior, GaussianEvent(sigma, sample_rate, steps)], delta, accountant)
-
     if prior and epsilon(list(prior), delta, accountant) >= target_epsilon:
         raise ValueError(f"the earlier mechanisms alone spend ε ≥ {target_epsilon}; no budget is left for training")
-    # Bracket: eps(hi) <= target < eps(lo), widening either way, then bisect (geometrically).
-    hi = 1.0
+
+    def event(sigma: float):
+        return dp_accounting.ComposedDpEvent(
+            [*map(_as_dp_event, prior), _as_dp_event(GaussianEvent(sigma, sample_rate, steps))])
+
+    def eps(sigma: float) -> float:
+        return _run_accountant_class()(accountant).compose(event(sigma)).get_epsilon(delta)
+
+    hi = 1.0  # bracket [lo, hi]: eps(hi) <= target < eps(lo)
     while eps(hi) > target_epsilon:
         hi *= 2
         if hi > 1e4:
@@ -104,13 +156,9 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
         if lo < 1e-3:
             raise ValueError(f"ε={target_epsilon} is so large that it needs no noise (σ < 1e-3) at δ={delta}; "
                              "run non-private instead")
-    while (hi - lo) / hi > tolerance:
-        mid = math.sqrt(lo * hi)
-        if eps(mid) > target_epsilon:
-            lo = mid
-        else:
-            hi = mid
-    return hi
+    return float(dp_accounting.calibrate_dp_mechanism(
+        lambda: _run_accountant_class()(accountant), event, target_epsilon, delta,
+        bracket_interval=dp_accounting.ExplicitBracketInterval(lo, hi), tol=tolerance * lo))
 
 
 def privacy_report(events: list[GaussianEvent], delta: float, accountants=("rdp", "prv", "dpa_rdp")) -> dict:
