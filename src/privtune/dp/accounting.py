@@ -14,6 +14,7 @@ import warnings
 from dataclasses import asdict, dataclass
 
 ACCOUNTANTS = ("rdp", "prv", "dpa_rdp", "dpa_pld")
+REPORTED = ("rdp", "prv", "dpa_rdp")  # a run's ε is the largest of these (privacy_report)
 
 
 @dataclass(frozen=True)
@@ -76,16 +77,17 @@ def epsilon(events: list[GaussianEvent], delta: float, accountant: str = "rdp") 
 
 @functools.cache
 def _run_accountant_class():
-    """A :class:`dp_accounting.PrivacyAccountant` whose ε is :func:`epsilon` under the run's own
-    accountant, so that dp-accounting's calibration finds the σ whose ε the run reports
-    (Opacus' RDP by default), not a second accountant's. It takes Poisson-subsampled Gaussian
-    events, self-composed and composed (a DP Fisher pass, then training)."""
+    """A :class:`dp_accounting.PrivacyAccountant` whose ε is the largest of :func:`epsilon` under the
+    accountants a run reports, so that dp-accounting's calibration finds the σ whose *reported* ε meets
+    the target, not only one accountant's. The first accountant named must answer; another that fails
+    numerically is left out, as in :func:`privacy_report`. It takes Poisson-subsampled Gaussian events,
+    self-composed and composed (a DP Fisher pass, then training)."""
     import dp_accounting
 
     class RunAccountant(dp_accounting.PrivacyAccountant):
-        def __init__(self, accountant: str) -> None:
+        def __init__(self, accountants: tuple[str, ...]) -> None:
             super().__init__(dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
-            self.accountant = accountant
+            self.accountants = accountants
             self.events: list[GaussianEvent] = []
 
         def _maybe_compose(self, event, count: int, do_compose: bool):
@@ -106,7 +108,7 @@ def _run_accountant_class():
             return self.CompositionErrorDetails(event, "only Poisson-subsampled Gaussian events are accounted")
 
         def get_epsilon(self, target_delta: float) -> float:
-            return epsilon(self.events, target_delta, self.accountant)
+            return privacy_report(self.events, target_delta, self.accountants, required=self.accountants[0])["epsilon"]
 
     return RunAccountant
 
@@ -120,21 +122,23 @@ def _as_dp_event(e: GaussianEvent):
 
 
 def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int,
-                    accountant: str = "rdp", prior: tuple[GaussianEvent, ...] = (),
+                    accountant: str | tuple[str, ...] = REPORTED, prior: tuple[GaussianEvent, ...] = (),
                     tolerance: float = 1e-4) -> float:
     """Smallest σ (to ``tolerance`` relative) whose composition with ``prior`` spends ≤ target ε.
 
     dp-accounting's ``calibrate_dp_mechanism`` (Brent's method, then a check that the σ
     returned spends no more than the target) over the composed event ``prior`` + training,
-    with ε from ``accountant`` (the one the run reports). The bracket is found here by
+    with ε the largest under ``accountant`` (one name, or several: by default those a run reports,
+    so that the reported ε never exceeds the target). The bracket is found here by
     doubling from σ = 1, so that the error messages say which side failed.
     """
     import dp_accounting
 
+    accountants = (accountant,) if isinstance(accountant, str) else tuple(dict.fromkeys(accountant))
     if target_epsilon <= 0:
         raise ValueError(f"target epsilon must be > 0, got {target_epsilon}")
     prior = tuple(prior)
-    if prior and epsilon(list(prior), delta, accountant) >= target_epsilon:
+    if prior and epsilon(list(prior), delta, accountants[0]) >= target_epsilon:
         raise ValueError(f"the earlier mechanisms alone spend ε ≥ {target_epsilon}; no budget is left for training")
 
     def event(sigma: float):
@@ -142,7 +146,7 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
             [*map(_as_dp_event, prior), _as_dp_event(GaussianEvent(sigma, sample_rate, steps))])
 
     def eps(sigma: float) -> float:
-        return _run_accountant_class()(accountant).compose(event(sigma)).get_epsilon(delta)
+        return _run_accountant_class()(accountants).compose(event(sigma)).get_epsilon(delta)
 
     hi = 1.0  # bracket [lo, hi]: eps(hi) <= target < eps(lo)
     while eps(hi) > target_epsilon:
@@ -157,22 +161,22 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
             raise ValueError(f"ε={target_epsilon} is so large that it needs no noise (σ < 1e-3) at δ={delta}; "
                              "run non-private instead")
     return float(dp_accounting.calibrate_dp_mechanism(
-        lambda: _run_accountant_class()(accountant), event, target_epsilon, delta,
+        lambda: _run_accountant_class()(accountants), event, target_epsilon, delta,
         bracket_interval=dp_accounting.ExplicitBracketInterval(lo, hi), tol=tolerance * lo))
 
 
-def privacy_report(events: list[GaussianEvent], delta: float, accountants=("rdp", "prv", "dpa_rdp")) -> dict:
+def privacy_report(events: list[GaussianEvent], delta: float, accountants=REPORTED, required: str = "rdp") -> dict:
     """ε under each accountant; ``epsilon`` is the maximum (the one to report).
 
     An accountant that fails numerically (PRV on extreme σ, say) is recorded
-    under ``accountant_errors``; RDP, the calibration accountant, must succeed.
+    under ``accountant_errors``; ``required`` (RDP) must succeed.
     """
     by, errors = {}, {}
     for a in accountants:
         try:
             by[a] = epsilon(events, delta, a)
-        except Exception as e:  # noqa: BLE001 - recorded, and RDP below is mandatory
-            if a == "rdp":
+        except Exception as e:  # noqa: BLE001 - recorded, and the required one below must answer
+            if a == required:
                 raise
             errors[a] = f"{type(e).__name__}: {str(e)[:200]}"
     return {

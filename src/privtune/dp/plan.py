@@ -66,7 +66,8 @@ def plan_privacy(s: RunSettings, n: int, mask_source: str | None = None) -> Priv
     if not delta < 1 / n:
         raise ValueError(f"train.delta = {delta} is not below 1/n = {1 / n:.3g} for n = {n} training examples: "
                          "choose a smaller delta (or 'auto', which is n^-1.1)")
-    sigma = accounting.calibrate_noise(s.epsilon, delta, q, steps, s.accountant, prior=prior)
+    # to the reported ε (the largest of the reported accountants), the run's own accountant first
+    sigma = accounting.calibrate_noise(s.epsilon, delta, q, steps, (s.accountant, *accounting.REPORTED), prior=prior)
     return PrivacyPlan(True, n, batch_size, steps, q, delta, sigma, scheme, prior, unaccounted)
 
 
