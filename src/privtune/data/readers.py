@@ -6,7 +6,9 @@
 * table-to-text: ``{"source": str, "references": [str, ...]}``, one record per input.
 
 Paths are relative to ``data_dir`` in the layout of the ``shared/data`` mirror; every file
-is opened through :func:`privtune.data.download.ensure_file` (download or a clear error).
+is located through :func:`privtune.data.download.ensure_file` (download from its official source, or a
+clear error) and read through Hugging Face ``datasets``' packaged builders (:mod:`privtune.data.hf`): the
+same code path with or without internet.
 
 File layouts (tsv = tab-separated, UTF-8, a leading BOM is ignored):
 
@@ -47,12 +49,13 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from privtune.data.download import DataFileError, MalformedDataError, data_file_error, ensure_file
+from privtune.data.hf import read_table
 from privtune.data.table2text import linearize_dart_triples, linearize_e2e_mr, read_dart, read_e2e_csv
 from privtune.tasks import canonical, names, task_info  # noqa: F401 (task_info re-exported)
 from privtune.tasks import task as _task
@@ -217,28 +220,15 @@ def _tsv_quoting(path: Path) -> int:
     return csv.QUOTE_MINIMAL if header[-1] == "idx" else csv.QUOTE_NONE
 
 
-def _iter_tsv(path: Path, quoting: int) -> Iterator[tuple[int, list[str]]]:
-    """Yield (1-based line number, fields) of each non-blank row."""
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.reader(f, delimiter="\t", quoting=quoting)
-        try:
-            for fields in reader:
-                if fields:
-                    yield reader.line_num, fields
-        except csv.Error as err:
-            raise MalformedDataError(path, f"cannot parse row: {err}", reader.line_num) from err
+def _header_names(
+    path: Path, names: list[str], cols: _Columns, unlabelled_ok: bool
+) -> tuple[str, str | None, str | None]:
+    """The columns of text_a, text_b, label in ``names`` (label None if absent and allowed)."""
 
-
-def _header_indices(
-    path: Path, header: list[str], cols: _Columns, unlabelled_ok: bool
-) -> tuple[int, int | None, int | None]:
-    """Indices of text_a, text_b, label in ``header`` (label None if absent and allowed)."""
-    names = [h.strip() for h in header]
-
-    def column(name: str | int) -> int:
+    def column(name: str | int) -> str:
         if name not in names:
             raise MalformedDataError(path, f"header {names} lacks column {name!r}", 1)
-        return names.index(name)
+        return str(name)
 
     text_b = None if cols.text_b is None else column(cols.text_b)
     label = None if (unlabelled_ok and cols.label not in names) else column(cols.label)
@@ -246,40 +236,28 @@ def _header_indices(
 
 
 def _read_glue_tsv(path: Path, task: str, unlabelled_ok: bool) -> list[dict[str, Any]]:
-    """Read a GLUE-style tsv of ``task``; labels may be missing/-1 only when ``unlabelled_ok``."""
+    """Read a GLUE-style tsv of ``task`` through ``datasets``; labels may be missing/-1 only when
+    ``unlabelled_ok``."""
     cols = _COLUMNS[task]
-    rows = _iter_tsv(path, _tsv_quoting(path))
     if cols.n_fields is None:
-        first = next(rows, None)
-        if first is None:
+        table = read_table(path, delimiter="\t", quoting=_tsv_quoting(path))
+        if not table.columns:
             return []
-        n_fields = len(first[1])
-        idx = _header_indices(path, first[1], cols, unlabelled_ok)
+        a, b, lab = _header_names(path, list(table.columns), cols, unlabelled_ok)
     else:
-        n_fields = cols.n_fields
-        idx = (int(cols.text_a), None, int(cols.label))
+        names = [f"field{i}" for i in range(cols.n_fields)]
+        table = read_table(path, delimiter="\t", quoting=_tsv_quoting(path), names=names)
+        a, b, lab = names[int(cols.text_a)], None, names[int(cols.label)]
     parse_label = _label_parser(task)
+    text_a, text_b = table.columns[a], table.columns[b] if b is not None else None
+    raw = table.columns[lab] if lab is not None else None
     records = []
-    for line, fields in rows:
-        if len(fields) != n_fields:
-            raise MalformedDataError(path, f"expected {n_fields} tab-separated fields, got {len(fields)}", line)
-        records.append(_glue_record(fields, idx, parse_label, unlabelled_ok, path, line))
+    for i in range(len(table)):
+        label: int | float | None = None
+        if raw is not None and not (unlabelled_ok and raw[i].strip() == _UNLABELLED):
+            try:
+                label = parse_label(raw[i])
+            except ValueError as err:
+                raise MalformedDataError(path, f"unparsable label {raw[i]!r} ({err})", table.line_of(i)) from None
+        records.append({"text_a": text_a[i], "text_b": text_b[i] if text_b is not None else None, "label": label})
     return records
-
-
-def _glue_record(
-    fields: list[str],
-    idx: tuple[int, int | None, int | None],
-    parse_label: Callable[[str], int | float],
-    unlabelled_ok: bool,
-    path: Path,
-    line: int,
-) -> dict[str, Any]:
-    a, b, lab = idx
-    label: int | float | None = None
-    if lab is not None and not (unlabelled_ok and fields[lab].strip() == _UNLABELLED):
-        try:
-            label = parse_label(fields[lab])
-        except ValueError as err:
-            raise MalformedDataError(path, f"unparsable label {fields[lab]!r} ({err})", line) from None
-    return {"text_a": fields[a], "text_b": fields[b] if b is not None else None, "label": label}

@@ -5,8 +5,6 @@ cannot be parsed is a :class:`~privtune.data.download.MalformedDataError` naming
 """
 from __future__ import annotations
 
-import csv
-import json
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
@@ -14,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from privtune.data.download import MalformedDataError
+from privtune.data.hf import read_document, read_json_records, read_table
 
 
 # --------------------------------------------------------------------------- E2E
@@ -53,32 +52,23 @@ def linearize_e2e_mr(mr: str) -> str:
 
 
 def read_e2e_csv(path: Path) -> list[dict[str, Any]]:
-    """Group the ``mr,ref`` rows by MR (file order of first appearance); references kept raw."""
+    """Group the ``mr,ref`` rows (read through ``datasets``) by MR, in file order of first appearance;
+    references kept raw."""
+    table = read_table(path, delimiter=",")
+    if not table.columns:
+        return []
+    if [h.lower() for h in table.columns] != ["mr", "ref"]:
+        raise MalformedDataError(path, f"expected header 'mr,ref', got {list(table.columns)}", 1)
+    mrs, refs = table.columns.values()
     groups: dict[str, dict[str, Any]] = {}
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None:
-            return []
-        if [h.strip().lower() for h in header] != ["mr", "ref"]:
-            raise MalformedDataError(path, f"expected header 'mr,ref', got {header}", 1)
-        for fields in reader:
-            _add_e2e_row(groups, fields, path, reader.line_num)
+    for i, (mr, ref) in enumerate(zip(mrs, refs)):
+        if mr not in groups:
+            try:
+                groups[mr] = {"source": linearize_e2e_mr(mr), "references": []}
+            except ValueError as err:
+                raise MalformedDataError(path, str(err), table.line_of(i)) from None
+        groups[mr]["references"].append(ref)
     return list(groups.values())
-
-
-def _add_e2e_row(groups: dict[str, dict[str, Any]], fields: list[str], path: Path, line: int) -> None:
-    if not fields:
-        return
-    if len(fields) != 2:
-        raise MalformedDataError(path, f"expected 2 comma-separated fields (mr, ref), got {len(fields)}", line)
-    mr, ref = fields
-    if mr not in groups:
-        try:
-            groups[mr] = {"source": linearize_e2e_mr(mr), "references": []}
-        except ValueError as err:
-            raise MalformedDataError(path, str(err), line) from None
-    groups[mr]["references"].append(ref)
 
 
 # --------------------------------------------------------------------------- DART
@@ -102,14 +92,8 @@ def read_dart(path: Path) -> list[dict[str, Any]]:
 
 
 def _read_dart_json(path: Path) -> list[dict[str, Any]]:
-    """DART json: list of {"tripleset": [[s, p, o], ...], "annotations": [{"text": ...}]}."""
-    with open(path, encoding="utf-8") as f:
-        try:
-            entries = json.load(f)
-        except json.JSONDecodeError as err:
-            raise MalformedDataError(path, f"invalid JSON ({err.msg}; truncated?)", err.lineno) from None
-    if not isinstance(entries, list):
-        raise MalformedDataError(path, "top level is not a JSON list of entries", 1)
+    """DART json (through ``datasets``): a list of {"tripleset": [[s, p, o], ...], "annotations": [{"text": ...}]}."""
+    entries = read_json_records(path)
     records = []
     for i, entry in enumerate(entries):
         try:
@@ -130,9 +114,9 @@ def _checked_triple(triple: Any) -> list[str]:
 
 
 def _read_dart_xml(path: Path) -> list[dict[str, Any]]:
-    """DART / WebNLG xml: <entry><modifiedtripleset><mtriple>s | p | o</mtriple>...<lex>text</lex>."""
+    """DART / WebNLG xml (its text through ``datasets``): <entry><modifiedtripleset><mtriple>s | p | o</mtriple>...<lex>text</lex>."""
     try:
-        root = ET.parse(path).getroot()
+        root = ET.fromstring(read_document(path))
     except ET.ParseError as err:
         raise MalformedDataError(path, f"invalid XML ({err}; truncated?)", err.position[0]) from None
     records = []

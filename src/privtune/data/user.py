@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from privtune.data.download import MalformedDataError
+from privtune.data.hf import header
 from privtune.tasks import Task
 
 BUILDERS = {".csv": ("csv", {}), ".tsv": ("csv", {"delimiter": "\t"}), ".json": ("json", {}),
@@ -32,13 +33,6 @@ BUILDERS = {".csv": ("csv", {}), ".tsv": ("csv", {"delimiter": "\t"}), ".json": 
 
 def _where(task: Task, split: str) -> str:
     return f"user_tasks.{task.name}.{'files' if task.source.get('files') else 'hub.splits'}.{split}"
-
-
-def _csv_header(path: Path, delimiter: str) -> list[str]:
-    import csv
-
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        return next(csv.reader(f, delimiter=delimiter), [])
 
 
 def load_split(task: Task, split: str, cache_dir: str | None = None):
@@ -59,7 +53,7 @@ def load_split(task: Task, split: str, cache_dir: str | None = None):
             raise ValueError(f"{_where(task, split)}: {path.name} is not one of {sorted(BUILDERS)} (by extension)")
         builder, kw = BUILDERS[path.suffix.lower()]
         if builder == "csv":  # every cell as text: numbers and "NA" are not reinterpreted
-            columns = _csv_header(path, kw.get("delimiter", ","))
+            columns = header(path, kw.get("delimiter", ","))
             kw = {**kw, "keep_default_na": False, "features": Features({c: Value("string") for c in columns})}
         ds = load_dataset(builder, data_files={split: str(path.resolve())}, split=split, cache_dir=cache_dir, **kw)
         return ds, str(path)
