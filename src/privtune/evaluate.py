@@ -16,6 +16,7 @@ from privtune.io import read_json, read_jsonl, write_atomic, write_json
 from privtune.models import methods
 from privtune.models.load import default_device, load_tokenizer
 from privtune.objectives import head, objective
+from privtune.objectives.tokenised import encode_file
 from privtune.report import evidence
 
 
@@ -48,14 +49,14 @@ def evaluate(run_dir: Path, eval_file: Path, out_file: Path, kind: str, task: st
         preds, labels = hyps, [r["references"] for r in records]
         scores = generation_metrics(preds, labels, metrics=tuple(metrics or tasks.task(task).metrics))
     else:
-        def predict(recs):
-            return obj.predict(model, obj.encode(tok, recs, s["max_length"]), tok.pad_token_id, device)
+        def predict(path):
+            return obj.predict(model, encode_file(obj, tok, path, s["max_length"]), tok.pad_token_id, device)
 
-        preds, labels = predict(records), [r["label"] for r in records]
+        preds, labels = predict(eval_file), [r["label"] for r in records]
         scores = classification_metrics(task, preds, labels)
         if mismatched_file is not None:
             mismatched = read_jsonl(mismatched_file)
-            scores["accuracy_mm"] = classification_metrics(task, predict(mismatched),
+            scores["accuracy_mm"] = classification_metrics(task, predict(mismatched_file),
                                                            [r["label"] for r in mismatched])["accuracy"]
     # per-example predictions on the (public) evaluation set, beside metrics.json: the claims report's paired
     # bootstrap reads them

@@ -23,7 +23,7 @@ from privtune.data.download import MalformedDataError
 
 
 @contextmanager
-def _quiet() -> Iterator[None]:
+def quiet_progress() -> Iterator[None]:
     """datasets' per-file progress bars off (a rule's log keeps the pipeline's own), and back as they were."""
     from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
@@ -103,7 +103,7 @@ def read_table(path: Path, *, delimiter: str = ",", quoting: int = csv.QUOTE_MIN
     if quoting == csv.QUOTE_NONE and delimiter == "\t":
         _check_unquoted_field_counts(path, len(columns), skip)
     try:
-        with tempfile.TemporaryDirectory(prefix="privtune-datasets-") as cache, _quiet():
+        with tempfile.TemporaryDirectory(prefix="privtune-datasets-") as cache, quiet_progress():
             ds = load_dataset("csv", data_files={"rows": str(Path(path).resolve())}, split="rows", cache_dir=cache,
                               sep=delimiter, quoting=quoting, keep_default_na=False, encoding="utf-8-sig",
                               features=Features({c: Value("string") for c in columns}),
@@ -134,7 +134,7 @@ def read_json_records(path: Path) -> list:
     from datasets import load_dataset
 
     try:
-        with tempfile.TemporaryDirectory(prefix="privtune-datasets-") as cache, _quiet():
+        with tempfile.TemporaryDirectory(prefix="privtune-datasets-") as cache, quiet_progress():
             return load_dataset("json", data_files={"rows": str(Path(path).resolve())}, split="rows",
                                 cache_dir=cache).to_list()
     except Exception:
@@ -151,7 +151,7 @@ def read_document(path: Path) -> str:
     ``xml`` builder of datasets 5.2.0 cannot open a local file: it passes the file iterator as a path.)"""
     from datasets import load_dataset
 
-    with tempfile.TemporaryDirectory(prefix="privtune-datasets-") as cache, _quiet():
+    with tempfile.TemporaryDirectory(prefix="privtune-datasets-") as cache, quiet_progress():
         rows = load_dataset("text", data_files={"rows": str(Path(path).resolve())}, split="rows",
                             cache_dir=cache, sample_by="document", keep_linebreaks=True)["text"]
     return rows[0] if rows else ""

@@ -44,10 +44,11 @@ from privtune.dp import rng, sampling
 from privtune.dp.engine import GhostClipEngine
 from privtune.dp.noise import privatize_
 from privtune.dp.plan import PrivacyPlan, plan_privacy
-from privtune.io import read_json, read_jsonl
+from privtune.io import read_json
 from privtune.models import methods
 from privtune.models.load import default_device, load_tokenizer
 from privtune.objectives import objective
+from privtune.objectives.tokenised import encode_file
 from privtune.training import checkpoint, distributed
 from privtune.training.optim import build_optimizer
 from privtune.training.outputs import DIAGNOSTICS, write_outputs, zero_shot  # noqa: F401 (re-exported)
@@ -135,7 +136,7 @@ class Job:
 def setup(s: RunSettings, model, obj, tok, train_file: Path, mask_file: Path | None, device, rank: int,
           world: int) -> Job:
     """Data, mask, privacy plan (every refusal happens here, before the first step), engine, optimizer."""
-    data = obj.encode(tok, read_jsonl(train_file), s.max_length)
+    data = encode_file(obj, tok, train_file, s.max_length)  # through Dataset.map, cached beside the file
     if not data:
         raise ValueError(f"{train_file} holds no training examples (after encoding with max_length={s.max_length})")
     masks, mask_info = None, None
