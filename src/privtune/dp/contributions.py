@@ -38,8 +38,11 @@ from torch import Tensor
 MEMORY_COST = 128
 
 
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Norms are accumulated in at least float32 (bf16/fp16 activations on GPU)."""
+    """Norms and sums are accumulated in at least float32 (bf16/fp16 activations)."""
     return torch.promote_types(dtype, torch.float32)
 
 
@@ -53,12 +56,22 @@ class OuterSum:
     u_idx: Tensor | None = None  # (B, T) indices of a one-hot row factor
 
     def __post_init__(self) -> None:
+        # The factors stay in the dtype the backward gave them (bf16 under mixed precision: no float32
+        # copy of every layer's input and output gradient is held until the clipped sum); products
+        # that need float32 widen one layer's factors for as long as they run (:meth:`widened`).
         if (self.u is None) == (self.u_idx is None):
             raise ValueError("OuterSum needs exactly one of u (dense) or u_idx (one-hot)")
-        dtype = _acc_dtype(self.v.dtype)
-        self.v = self.v.to(dtype)
-        if self.u is not None:
-            self.u = self.u.to(dtype)
+        if self.u is not None and self.u.dtype != self.v.dtype:
+            self.u = self.u.to(torch.promote_types(self.u.dtype, self.v.dtype))
+            self.v = self.v.to(self.u.dtype)
+
+    def widened(self) -> "OuterSum":
+        """This contribution with float32 factors if they are bf16/fp16 (itself otherwise): products of
+        bf16 numbers are exact in float32, so Gram matrices formed from these are float32-accurate."""
+        if self.v.dtype not in LOW_PRECISION:
+            return self
+        return OuterSum(v=self.v.float(), rows=self.rows, u=None if self.u is None else self.u.float(),
+                        u_idx=self.u_idx)
 
     @property
     def batch(self) -> int:
@@ -100,7 +113,8 @@ class OuterSum:
                         u_idx=None if self.u_idx is None else self.u_idx[idx])
 
     def instantiate(self) -> Tensor:
-        """(B, rows, cols) per-example gradients."""
+        """(B, rows, cols) per-example gradients (in the factors' dtype: a bf16 product accumulates in
+        float32 and is rounded once per entry, as the non-private backward's weight gradient is)."""
         if self.u is not None:
             return torch.einsum("btr,btc->brc", self.u, self.v)
         out = self.v.new_zeros(self.batch, self.rows, self.cols)
@@ -114,7 +128,7 @@ class OuterSum:
         ``keep`` (B,) bool: examples outside it are left out by selection, so a non-finite
         factor of theirs cannot reach the sum (0 · inf would be NaN).
         """
-        w = weights.to(self.v.dtype).view(-1, 1, 1)
+        w = weights.to(self.v.dtype).view(-1, 1, 1)  # bf16 factors: the engine's margin covers this rounding
         u, v = self.u, self.v
         if u is not None and u.shape[-1] < v.shape[-1]:
             u = u * w  # the weights go on the smaller factor: the scaled copy is the smaller one
@@ -127,10 +141,13 @@ class OuterSum:
         v = v.reshape(-1, self.cols)
         if u is not None:
             u = u.reshape(-1, self.rows).transpose(0, 1)
-            return u @ v if out is None else out.addmm_(u, v)
+            if out is None:
+                return u @ v
+            # bf16 factors into a float32 sum: one bf16 product (float32 accumulation inside), then added
+            return out.addmm_(u, v) if out.dtype == v.dtype else out.add_(u @ v)
         if out is None:
-            out = v.new_zeros(self.rows, self.cols)
-        return out.index_add_(0, self.u_idx.reshape(-1), v)
+            out = v.new_zeros(self.rows, self.cols, dtype=_acc_dtype(v.dtype))
+        return out.index_add_(0, self.u_idx.reshape(-1), v.to(out.dtype))
 
 
 @dataclass
@@ -200,7 +217,10 @@ CANCELLATION = 1e3
 
 
 def _ghost_sum(contribs: list[OuterSum]) -> tuple[Tensor, Tensor]:
-    """(Σ_b of ‖Σ_j G_jb‖², the sum of the absolute values of its terms), per example."""
+    """(Σ_b of ‖Σ_j G_jb‖², the sum of the absolute values of its terms), per example, from float32 (or
+    float64) Gram products whatever the factors' dtype: a bf16 Gram's rounding would be amplified by
+    the cancellation the guard below looks for."""
+    contribs = [c.widened() for c in contribs]
     total = magnitude = 0
     for i, p in enumerate(contribs):
         for q in contribs[i + 1:]:
@@ -262,5 +282,7 @@ def squared_norms(contribs: list[Contribution], strategy: str = "auto") -> tuple
 def _instantiated_squares(contribs: list[Contribution]) -> Tensor:
     grad = contribs[0].instantiate()
     for c in contribs[1:]:
-        grad = grad + c.instantiate()
+        grad = grad + c.instantiate().to(grad.dtype)
+    if grad.dtype in LOW_PRECISION:  # squares of positive terms: no cancellation; summed in float32
+        return grad.flatten(1).float().pow(2).sum(1)
     return grad.flatten(1).pow(2).sum(1)

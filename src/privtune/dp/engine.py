@@ -36,11 +36,15 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from privtune.dp.contributions import Contribution, settle, squared_norms, unsettled_squared_norms
+from privtune.dp.contributions import LOW_PRECISION, Contribution, settle, squared_norms, unsettled_squared_norms
 from privtune.dp.layers import (Handler, UnsupportedLayerError, embedding, find_handler, needs_probe,
                                 probe_affine_norm)
 
 _HANDLED_NAMES = {"weight", "bias"}
+# With bf16 factors three roundings, each at most bf16's unit roundoff 2^-8 relative, can lift an example's
+# clipped contribution above C: of its clip factor, of the factor times it, and (instantiated norms) of the
+# per-example gradient its norm is read from. Clip factors are shrunk by 4 × 2^-8 (1.6 %) to cover them.
+LOW_PRECISION_MARGIN = 2.0 ** -6
 
 
 @dataclass
@@ -279,6 +283,11 @@ class GhostClipEngine:
         contribs = self._contributions(losses, retain_graph=self.mode == "ghost")
         norms = self._norms(contribs, losses.shape[0], losses.device)
         factors = self.clip_factors(norms)
+        if any(c.dtype in LOW_PRECISION for cs in contribs.values() for c in cs):
+            # bf16/fp16 factors: the clip factor is rounded to their dtype before it scales them (and an
+            # instantiated norm is read from bf16-rounded per-example gradients); shrunk by LOW_PRECISION_MARGIN
+            # so that neither rounding can lift an example's contribution above C
+            factors = factors * (1 - LOW_PRECISION_MARGIN)
         # An example with a non-finite norm has weight 0, but 0 · inf is NaN: its contributions are
         # selected away (torch.where), not multiplied. Checked once per physical batch; the usual
         # all-finite case pays nothing more. The two-pass mode's second backward would multiply too,
@@ -294,11 +303,11 @@ class GhostClipEngine:
                 cs = contribs.pop(id(p), None)  # freed as soon as used: book-keeping's memory peaks here
                 if not cs:
                     continue
-                # Summed in place into p.grad when it can hold the contributions' dtype (float32
-                # or float64); a bf16 gradient gets a float32 sum, cast once.
-                acc = p.grad
-                if acc is None or acc.dtype != cs[0].dtype or not acc.is_contiguous():
-                    acc = torch.zeros(p.shape, dtype=cs[0].dtype, device=p.device)
+                # Summed in place into p.grad when it is float32 or float64 (and the contributions'
+                # dtype); a bf16 gradient gets a float32 sum, cast once.
+                acc, acc_dtype = p.grad, torch.promote_types(cs[0].dtype, torch.float32)
+                if acc is None or acc.dtype != acc_dtype or not acc.is_contiguous():
+                    acc = torch.zeros(p.shape, dtype=acc_dtype, device=p.device)
                 for c in cs:
                     c.weighted_sum(factors, out=acc.view(c.sum_shape), keep=keep)
                 if acc is not p.grad:

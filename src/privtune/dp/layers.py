@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from privtune.dp.contributions import Contribution, Direct, OuterSum
+from privtune.dp.contributions import LOW_PRECISION, Contribution, Direct, OuterSum
 
 Handler = Callable[[nn.Module, Tensor, Tensor], dict[str, Contribution]]
 
@@ -127,9 +127,9 @@ def _affine_norm_parts(module: nn.Module, x: Tensor) -> Tensor:
     """
     params = {}
     if getattr(module, "weight", None) is not None:
-        params["weight"] = torch.ones_like(module.weight)
+        params["weight"] = torch.ones_like(module.weight, dtype=x.dtype)
     if getattr(module, "bias", None) is not None:
-        params["bias"] = torch.zeros_like(module.bias)
+        params["bias"] = torch.zeros_like(module.bias, dtype=x.dtype)
     with torch.no_grad():
         return torch.func.functional_call(module, params, (x,))
 
@@ -190,10 +190,13 @@ def probe_affine_norm(module: nn.Module, name: str) -> None:
         raise UnsupportedLayerError(refuse.format(f"its weight has shape {tuple(w.shape)}: normalisation over "
                                                   "several trailing dimensions is not supported"))
     gen = torch.Generator(device="cpu").manual_seed(0)
-    params = {"weight": torch.randn(w.shape, generator=gen).to(w)}
+    # a bf16/fp16 layer is probed in float64: the form is what is checked, and bf16 rounding alone would
+    # exceed the comparison's tolerance
+    like = dict(device=w.device, dtype=torch.float64 if w.dtype in LOW_PRECISION else w.dtype)
+    params = {"weight": torch.randn(w.shape, generator=gen).to(**like)}
     if getattr(module, "bias", None) is not None:
-        params["bias"] = torch.randn(module.bias.shape, generator=gen).to(module.bias)
-    x = torch.randn(2, 3, w.shape[0], generator=gen).to(w)
+        params["bias"] = torch.randn(module.bias.shape, generator=gen).to(**like)
+    x = torch.randn(2, 3, w.shape[0], generator=gen).to(**like)
     try:
         with torch.no_grad():
             got = torch.func.functional_call(module, params, (x,))

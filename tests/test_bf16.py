@@ -1,0 +1,86 @@
+"""The engine on bf16 models: per-example norms and the clipped sum against a float64 reference of the same
+(bf16-rounded) weights, within bf16's tolerance, and no example's clipped contribution above C."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from privtune.dp.engine import GhostClipEngine
+from privtune.models.architectures import tiny_config
+
+B, T, VOCAB = 6, 9, 128
+RTOL = 5e-2  # bf16 (8 significant bits) through a whole forward and backward
+
+
+def _model(arch: str):
+    torch.manual_seed(11)
+    if arch == "gpt2":
+        return AutoModelForCausalLM.from_config(tiny_config("gpt2"), dtype=torch.bfloat16).eval()
+    return AutoModelForSequenceClassification.from_config(tiny_config(arch, num_labels=2), dtype=torch.bfloat16).eval()
+
+
+def _losses(model, arch: str, ids: torch.Tensor) -> torch.Tensor:
+    if arch == "gpt2":
+        logits = model(input_ids=ids).logits[:, :-1].float()
+        return torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").mean(1)
+    labels = torch.arange(ids.shape[0]) % 2
+    return torch.nn.functional.cross_entropy(model(input_ids=ids).logits.float(), labels, reduction="none")
+
+
+def _reference(model, arch, ids, clip):
+    """Per-example norms and the clipped sum, one float64 backward per example, same weights."""
+    ref = copy.deepcopy(model).double()
+    params = [p for p in ref.parameters() if p.requires_grad]
+    losses = _losses(ref, arch, ids)
+    norms, total = [], [torch.zeros_like(p) for p in params]
+    for b in range(ids.shape[0]):
+        grads = torch.autograd.grad(losses[b], params, retain_graph=True, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+        n = float(torch.sqrt(sum(g.pow(2).sum() for g in grads)))
+        norms.append(n)
+        total = [t + min(1.0, clip / n) * g for t, g in zip(total, grads)]
+    return torch.tensor(norms, dtype=torch.float64), total
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+@pytest.mark.parametrize("mode", ["bk", "ghost"])
+@pytest.mark.parametrize("strategy", ["ghost", "instantiate"])
+def test_bf16_norms_and_clipped_sum_match_float64(arch, mode, strategy):
+    model = _model(arch)
+    ids = torch.randint(3, VOCAB, (B, T), generator=torch.Generator().manual_seed(3))
+    want_norms, want_sum = _reference(model, arch, ids, clip=0.5)
+    engine = GhostClipEngine(model, clip_norm=0.5, mode=mode, norm_strategy=strategy)
+    engine.zero_grad()
+    with engine.capture(batch_size=B):
+        losses = _losses(model, arch, ids)
+    norms = engine.backward(losses)
+    engine.detach()
+    assert norms.dtype == torch.float32 and (want_norms > 0.5).any(), "vacuous unless some examples are clipped"
+    torch.testing.assert_close(norms.double(), want_norms, rtol=RTOL, atol=0)
+    got = torch.cat([p.grad.double().flatten() for p in engine.params])
+    want = torch.cat([w.flatten() for w in want_sum])
+    assert all(p.grad.dtype == torch.bfloat16 for p in engine.params)
+    assert float((got - want).norm() / want.norm()) < RTOL
+
+
+@pytest.mark.parametrize("strategy", ["ghost", "instantiate"])
+def test_no_bf16_clipped_contribution_exceeds_the_clipping_norm(strategy):
+    """Each example alone, heavily clipped: the gradient the engine writes (bf16, after every rounding) has
+    norm at most C, by the margin on the clip factors."""
+    model = _model("gpt2")
+    clip = 1e-3
+    for seed in range(4):
+        ids = torch.randint(3, VOCAB, (1, T), generator=torch.Generator().manual_seed(seed))
+        engine = GhostClipEngine(model, clip_norm=clip, norm_strategy=strategy)
+        engine.zero_grad()
+        with engine.capture(batch_size=1):
+            losses = _losses(model, "gpt2", ids)
+        norms = engine.backward(losses)
+        engine.detach()
+        written = float(torch.sqrt(sum(p.grad.double().pow(2).sum() for p in engine.params)))
+        assert float(norms[0]) > 100 * clip
+        assert written <= clip, f"seed {seed}: a clipped contribution of norm {written:.6g} > C = {clip}"
+        assert written >= 0.95 * clip  # clipped to C, less the margin, not to much less
