@@ -221,6 +221,7 @@ def test_gpu_claims_never_share_a_device(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("profile,configfile,expect", [
     ("profiles/slurm", "config/paper.yaml", ["slurm_partition=gpu", "gpu=1", "runtime=1440"]),
+    ("profiles/slurm", "config.yaml", ["slurm_partition=cpu", "gpu=0"]),  # no GPU asked: the cpu partition
     ("profiles/gpu", "config.yaml", ["gpu=1"]),
 ])
 def test_cluster_and_gpu_profiles_are_valid(tmp_path, profile, configfile, expect):

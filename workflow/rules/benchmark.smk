@@ -18,6 +18,7 @@ rule benchmark_clipping:
     threads: config["threads"]
     resources:
         gpu=lambda wc: 1 if wc.device == "cuda" else 0,
+        slurm_partition=lambda wc: partition(wc.device == "cuda"),
         mem_mb=20000,
         runtime=240,
     conda:

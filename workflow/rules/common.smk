@@ -24,6 +24,11 @@ def run_for(wildcards):
     return Run.from_wildcards(config, wildcards)
 
 
+def partition(gpus):
+    """The SLURM partition of a job asking for ``gpus`` GPUs (config slurm_partitions; profiles/slurm)."""
+    return config["slurm_partitions"]["gpu" if gpus else "cpu"]
+
+
 def train_gpus(wildcards):
     """GPUs a training job asks for: config `gpu` per data-parallel process (train.world_size)."""
     return config["gpu"] * run_settings(config, run_for(wildcards)).get("world_size", 1)

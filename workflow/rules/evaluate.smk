@@ -17,6 +17,7 @@ rule evaluate:
     threads: config["threads"]
     resources:
         gpu=config["gpu"],
+        slurm_partition=partition(config["gpu"]),
         mem_mb=config["train_mem_mb"],
         runtime=config["train_runtime_min"],
     conda:

@@ -15,6 +15,7 @@ rule fisher_mask:
     threads: config["threads"]
     resources:
         gpu=config["gpu"],
+        slurm_partition=partition(config["gpu"]),
         mem_mb=config["train_mem_mb"],
         runtime=config["train_runtime_min"],
     conda:

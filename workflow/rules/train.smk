@@ -22,6 +22,7 @@ rule train:
     threads: config["threads"]
     resources:
         gpu=lambda wc: train_gpus(wc),
+        slurm_partition=lambda wc: partition(train_gpus(wc)),
         mem_mb=config["train_mem_mb"],
         runtime=config["train_runtime_min"],
     conda:
