@@ -1,6 +1,6 @@
-"""Files read through Hugging Face ``datasets``' packaged builders (``csv``, ``json``, ``text``), the one way
-every dataset of the pipeline is loaded: the papers' files from the mirror layout (or as downloaded from
-their official sources into it), and a user's own files (:mod:`privtune.data.user`).
+"""The papers' data files read through Hugging Face ``datasets``' packaged builders (``csv``, ``json``,
+``text``), from the mirror layout or as downloaded from their official sources into it; a user's own files
+go through the same builders in :mod:`privtune.data.user`.
 
 Each load converts in a temporary cache that is deleted when the rows have been read, so that no copy of a
 (possibly private) training set is left in the Hugging Face cache and a changed file is never answered
