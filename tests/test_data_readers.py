@@ -362,3 +362,13 @@ def test_download_zip_member_atomically(tmp_path: Path, monkeypatch: pytest.Monk
     assert read_split("sst2", "dev", data_dir, verify_size=False) == [{"text_a": "great", "text_b": None, "label": 1}]
     assert (data_dir / "glue" / "SST-2" / "train.tsv").is_file()  # sibling member extracted from the same zip
     assert sorted(p.name for p in (data_dir / "glue" / "SST-2").iterdir()) == ["dev.tsv", "train.tsv"]
+
+
+def test_a_short_row_is_an_error_in_quoted_files_too(tmp_path: Path) -> None:
+    """pandas (under datasets' csv builder) fills a short row with empty cells; the readers refuse it."""
+    _write(tmp_path, "e2e/devset.csv", 'mr,ref\n"name[A], area[x]",ok\n"name[B], area[y]"\n')
+    with pytest.raises(MalformedDataError, match=r"devset\.csv, line 3: expected 2 comma-separated fields, got 1"):
+        read_split("e2e", "dev", tmp_path)
+    _write(tmp_path, "glue/RTE/dev.tsv", 'sentence1\tsentence2\tlabel\tidx\n"a ""b"""\tc\t0\t0\nd\te\t1\n')
+    with pytest.raises(MalformedDataError, match=r"dev\.tsv, line 3: expected 4 tab-separated fields, got 3"):
+        read_split("rte", "dev", tmp_path, verify_size=False)

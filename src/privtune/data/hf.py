@@ -5,14 +5,12 @@ go through the same builders in :mod:`privtune.data.user`.
 Each load converts in a temporary cache that is deleted when the rows have been read, so that no copy of a
 (possibly private) training set is left in the Hugging Face cache and a changed file is never answered
 from a stale one. Text tables are read with every cell as text (``007`` stays ``007``, ``NA`` stays
-``NA``). A row with more fields than the header is an error naming the file and line (pandas' parser
-finds it); in tab-separated files without quoting (GLUE's), a row with fewer fields is one too.
+``NA``). A row with more or fewer fields than the header is an error naming the file and line.
 """
 from __future__ import annotations
 
 import csv
 import json
-import re
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -64,26 +62,23 @@ def header(path: Path, delimiter: str, quoting: int = csv.QUOTE_MINIMAL) -> list
         return next(csv.reader(f, delimiter=delimiter, quoting=quoting), [])
 
 
-def _row_lines(path: Path, delimiter: str, quoting: int, skip: int) -> list[int]:
-    """The 1-based line on which each non-blank row after the first ``skip`` starts (quoted fields may span
-    lines); read only to name the line of an error."""
+def _row_starts(path: Path, delimiter: str, quoting: int, n_fields: int, skip: int) -> list[int]:
+    """The 1-based line on which each non-blank row after the first ``skip`` starts (a quoted field may span
+    lines), after checking that each has ``n_fields`` fields: pandas, under the csv builder, fills a short
+    row with empty cells, so a truncated or shifted row would pass unseen."""
+    what = {"\t": "tab-separated", ",": "comma-separated"}.get(delimiter, f"{delimiter!r}-separated")
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader, starts, line = csv.reader(f, delimiter=delimiter, quoting=quoting), [], 1
-        for fields in reader:
-            if fields:
-                starts.append(line)
-            line = reader.line_num + 1
+        try:
+            for fields in reader:
+                if fields:
+                    if len(starts) >= skip and len(fields) != n_fields:
+                        raise MalformedDataError(path, f"expected {n_fields} {what} fields, got {len(fields)}", line)
+                    starts.append(line)
+                line = reader.line_num + 1
+        except csv.Error as err:
+            raise MalformedDataError(path, f"cannot parse row: {err}", reader.line_num) from err
     return starts[skip:]
-
-
-def _check_unquoted_field_counts(path: Path, n_fields: int, skip: int) -> None:
-    """In a tab-separated file without quoting, every non-blank line is one row: each must have
-    ``n_fields`` fields (pandas would fill a short row with empty cells)."""
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        for line, text in enumerate(f, start=1):
-            text = text.rstrip("\r\n")
-            if line > skip and text and (got := text.count("\t") + 1) != n_fields:
-                raise MalformedDataError(path, f"expected {n_fields} tab-separated fields, got {got}", line)
 
 
 def read_table(path: Path, *, delimiter: str = ",", quoting: int = csv.QUOTE_MINIMAL,
@@ -99,9 +94,7 @@ def read_table(path: Path, *, delimiter: str = ",", quoting: int = csv.QUOTE_MIN
     if len(set(columns)) != len(columns):
         raise MalformedDataError(path, f"repeated column names in the header {columns}", 1)
     skip = 0 if names is not None else 1
-    what = "tab-separated" if delimiter == "\t" else f"{delimiter!r}-separated"
-    if quoting == csv.QUOTE_NONE and delimiter == "\t":
-        _check_unquoted_field_counts(path, len(columns), skip)
+    starts = _row_starts(path, delimiter, quoting, len(columns), skip)
     try:
         with tempfile.TemporaryDirectory(prefix="privtune-datasets-") as cache, quiet_progress():
             ds = load_dataset("csv", data_files={"rows": str(Path(path).resolve())}, split="rows", cache_dir=cache,
@@ -111,21 +104,16 @@ def read_table(path: Path, *, delimiter: str = ",", quoting: int = csv.QUOTE_MIN
             cols = ds.to_dict()
     except Exception as err:
         if isinstance(err, ValueError) and "corresponds to no data" in str(err):
-            return Table({c: [] for c in columns}, lambda i: i + 1 + skip)  # no rows: the caller decides
+            return Table({c: [] for c in columns}, starts.__getitem__)  # no rows: the caller decides
         parser = _cause(err, ParserError)
-        found = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(parser)) if parser else None
-        if found:
-            raise MalformedDataError(path, f"expected {found[1]} {what} fields, got {found[3]}",
-                                     int(found[2])) from None
         if parser is not None:
             raise MalformedDataError(path, f"cannot parse the file ({str(parser).strip()})") from None
         raise
     cols = {c: ["" if v is None else v for v in cols[c]] for c in columns}
-
-    def line_of(row: int) -> int:
-        return _row_lines(path, delimiter, quoting, skip)[row]
-
-    return Table(cols, line_of)
+    if len(next(iter(cols.values()))) != len(starts):
+        raise MalformedDataError(path, f"pandas read {len(next(iter(cols.values())))} rows where the csv module "
+                                       f"reads {len(starts)}: the quoting is ambiguous; check the file")
+    return Table(cols, starts.__getitem__)
 
 
 def read_json_records(path: Path) -> list:
