@@ -116,3 +116,25 @@ def test_calibration_meets_the_target_under_every_reported_accountant():
     assert report["epsilon"] <= 8.0 and report["epsilon"] >= 0.999 * 8.0
     rdp_only = calibrate_noise(8.0, delta, q, steps, "rdp")
     assert rdp_only <= sigma  # one accountant alone may ask for (slightly) less noise
+
+
+def test_calibration_asks_the_accountants_once_per_noise_multiplier(monkeypatch):
+    """The bracket search and Brent's method revisit σ; each σ is accounted once (memoised), and the σ found
+    is the one the unmemoised search finds."""
+    from privtune.dp import accounting
+
+    asked = []
+    real = accounting.privacy_report
+
+    def counting(events, *args, **kwargs):
+        asked.append(tuple(events))
+        return real(events, *args, **kwargs)
+
+    accounting._reported_epsilon.cache_clear()
+    monkeypatch.setattr(accounting, "privacy_report", counting)
+    sigma = calibrate_noise(8.0, 1e-5, 0.05, 120, "rdp")
+    assert asked and len(asked) == len(set(asked))
+    accounting._reported_epsilon.cache_clear()
+    monkeypatch.setattr(accounting, "_reported_epsilon", accounting._reported_epsilon.__wrapped__)
+    assert calibrate_noise(8.0, 1e-5, 0.05, 120, "rdp") == sigma
+    assert len(asked) > len(set(asked))  # without the memo the same σ is accounted again
