@@ -84,3 +84,37 @@ def test_no_bf16_clipped_contribution_exceeds_the_clipping_norm(strategy):
         assert float(norms[0]) > 100 * clip
         assert written <= clip, f"seed {seed}: a clipped contribution of norm {written:.6g} > C = {clip}"
         assert written >= 0.95 * clip  # clipped to C, less the margin, not to much less
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+@pytest.mark.parametrize("strategy", ["ghost", "instantiate"])
+def test_autocast_norms_and_clipped_sum_match_autograd_and_keep_bf16_inputs(arch, strategy):
+    """A float32 model under CPU autocast (``train.precision: bf16``): the engine's norms and clipped sum
+    against one autograd backward per example of the same autocast forward, and the inputs it keeps for
+    matrix-product layers are the bf16 ones the products used, not float32 copies."""
+    model = _model(arch).float()
+    ids = torch.randint(3, VOCAB, (B, T), generator=torch.Generator().manual_seed(5))
+    clip = 0.5
+    engine = GhostClipEngine(model, clip_norm=clip, norm_strategy=strategy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = _losses(model, arch, ids)
+    want_norms, want_sum = [], [torch.zeros_like(p, dtype=torch.float64) for p in engine.params]
+    for b in range(B):
+        grads = torch.autograd.grad(losses[b], engine.params, retain_graph=True, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g.double() for p, g in zip(engine.params, grads)]
+        n = float(torch.sqrt(sum(g.pow(2).sum() for g in grads)))
+        want_norms.append(n)
+        want_sum = [t + min(1.0, clip / n) * g for t, g in zip(want_sum, grads)]
+    engine.zero_grad()
+    with engine.capture(batch_size=B), torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = _losses(model, arch, ids)
+    kept = [r.input.dtype for r in engine._records if type(r.module).__name__ in ("Linear", "Conv1D")]
+    assert kept and all(dtype == torch.bfloat16 for dtype in kept)
+    norms = engine.backward(losses)
+    engine.detach()
+    assert (torch.tensor(want_norms) > clip).any(), "vacuous unless some examples are clipped"
+    torch.testing.assert_close(norms.double(), torch.tensor(want_norms, dtype=torch.float64), rtol=RTOL, atol=0)
+    got = torch.cat([p.grad.double().flatten() for p in engine.params])
+    want = torch.cat([w.flatten() for w in want_sum])
+    assert all(p.grad.dtype == torch.float32 for p in engine.params)
+    assert float((got - want).norm() / want.norm()) < RTOL

@@ -37,8 +37,8 @@ import torch
 from torch import Tensor, nn
 
 from privtune.dp.contributions import LOW_PRECISION, Contribution, settle, squared_norms, unsettled_squared_norms
-from privtune.dp.layers import (Handler, UnsupportedLayerError, embedding, find_handler, needs_probe,
-                                probe_affine_norm)
+from privtune.dp.layers import (AUTOCAST_MATMUL, Handler, UnsupportedLayerError, embedding, find_handler,
+                                needs_probe, probe_affine_norm)
 
 _HANDLED_NAMES = {"weight", "bias"}
 # With bf16 factors three roundings, each at most bf16's unit roundoff 2^-8 relative, can lift an example's
@@ -55,6 +55,13 @@ class _Record:
     input: Tensor
     grad: Tensor | None = None
     collect: bool = False
+
+
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast computes matrix products in on ``device`` now, or None when it is off."""
+    if not torch.is_autocast_enabled(device.type):
+        return None
+    return torch.get_autocast_dtype(device.type)
 
 
 class _Tap(torch.autograd.Function):
@@ -179,6 +186,8 @@ class GhostClipEngine:
                     x = x.unsqueeze(0).expand(b, -1)
                     self._shared.add(name)
             out = output if new is None else new
+            if handler in AUTOCAST_MATMUL and x.dtype != out.dtype and _autocast_dtype(out.device) == out.dtype:
+                x = x.to(out.dtype)  # the input the product used: autocast rounded it so
             anchor = self._anchors.get(out.device)
             if anchor is None:  # one per device, so a model split over devices keeps every tap reachable
                 anchor = self._anchors[out.device] = torch.zeros((), device=out.device, requires_grad=True)

@@ -102,6 +102,12 @@ def conv1d(module: nn.Module, x: Tensor, g: Tensor) -> dict[str, Contribution]:
 for _t in _conv1d_types():
     register_layer(_t)(conv1d)
 
+# Layers that are one matrix product of their input, which autocast runs in its lower precision (torch.linear
+# and torch.addmm are on its lists): the product, and so the weight gradient the non-private backward forms,
+# uses the input rounded to the output's dtype. The engine keeps that rounded input (half the memory of a
+# float32 LayerNorm output) and forms the per-example norms and the clipped sum from it in the same dtype.
+AUTOCAST_MATMUL: set[Handler] = {linear, conv1d}
+
 
 @register_layer(nn.Embedding)
 def embedding(module: nn.Embedding, x: Tensor, g: Tensor) -> dict[str, Contribution]:
