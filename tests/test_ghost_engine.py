@@ -153,6 +153,37 @@ def test_whole_encoders_with_padding(arch, mode):
     check(model, loss, clip=0.05, mode=mode)
 
 
+def test_layers_reading_one_input_share_its_gram(monkeypatch):
+    """BERT's query, key and value read one input: its Gram is formed once, not three times, and the norms
+    are those of forming it each time."""
+    from privtune.dp import contributions
+
+    torch.manual_seed(6)
+    model = AutoModelForSequenceClassification.from_config(tiny_config("bert", num_labels=3), dtype=torch.float64)
+    model.eval()
+    ids, mask = _batch(128, 0)
+    labels = torch.tensor([0, 1, 2, 1])
+    engine = GhostClipEngine(model, clip_norm=0.05, norm_strategy="ghost")
+    formed = []
+    real = contributions._gram
+    monkeypatch.setattr(contributions, "_gram", lambda t: formed.append(t) or real(t))
+
+    def norms():
+        with engine.capture(batch_size=B):
+            losses = torch.nn.functional.cross_entropy(model(input_ids=ids, attention_mask=mask).logits, labels,
+                                                       reduction="none")
+        return engine.per_example_norms(losses)
+
+    shared, once = norms(), len(formed)
+    assert once == len({contributions._key(t) for t in formed})  # no factor's Gram formed twice
+    monkeypatch.setattr(contributions, "Grams", lambda cs: None)  # no sharing: every Gram formed again
+    import privtune.dp.engine as engine_module
+    monkeypatch.setattr(engine_module, "Grams", lambda cs: None)
+    formed.clear()
+    torch.testing.assert_close(norms(), shared, rtol=1e-12, atol=0)
+    assert len(formed) >= once + 2 * model.config.num_hidden_layers  # key and value took query's input Gram
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_whole_causal_lms_with_padding(arch):
     torch.manual_seed(7)

@@ -216,18 +216,56 @@ def ghost_inner(p: OuterSum, q: OuterSum) -> Tensor:
 CANCELLATION = 1e3
 
 
-def _ghost_sum(contribs: list[OuterSum]) -> tuple[Tensor, Tensor]:
+def _key(t: Tensor) -> tuple:
+    return t.data_ptr(), tuple(t.shape), t.stride(), t.dtype
+
+
+class Grams:
+    """Per-example Grams ``t tᵀ`` of the factors several contributions share (BERT's query, key and value
+    read one input), formed once and kept until their last user took them. Keyed by the factor's memory:
+    the caller keeps every factor alive for as long as this lives."""
+
+    def __init__(self, contribs) -> None:
+        self.left: dict[tuple, int] = {}
+        for c in contribs:
+            if isinstance(c, OuterSum):
+                for t in (c.u, c.v):
+                    if t is not None:
+                        self.left[_key(t)] = self.left.get(_key(t), 0) + 1
+        self.kept: dict[tuple, Tensor] = {}
+
+    def __call__(self, t: Tensor) -> Tensor:
+        key = _key(t)
+        k = self.kept.pop(key, None)
+        if k is None:
+            k = _gram(t)
+        self.left[key] = self.left.get(key, 1) - 1
+        if self.left[key] > 0:
+            self.kept[key] = k
+        return k
+
+
+def _gram(t: Tensor) -> Tensor:
+    """``t tᵀ`` per example, (B, T, T), in at least float32."""
+    w = t.to(_acc_dtype(t.dtype))
+    return torch.bmm(w, w.transpose(1, 2))
+
+
+def _ghost_sum(contribs: list[OuterSum], grams: Grams | None = None) -> tuple[Tensor, Tensor]:
     """(Σ_b of ‖Σ_j G_jb‖², the sum of the absolute values of its terms), per example, from float32 (or
     float64) Gram products whatever the factors' dtype: a bf16 Gram's rounding would be amplified by
-    the cancellation the guard below looks for."""
-    contribs = [c.widened() for c in contribs]
+    the cancellation the guard below looks for. A contribution's own Grams come from ``grams`` if given."""
+    gram = grams or _gram
     total = magnitude = 0
+    wide = [c.widened() for c in contribs] if len(contribs) > 1 else None  # cross terms (tied layers)
     for i, p in enumerate(contribs):
-        for q in contribs[i + 1:]:
-            terms = _ghost_terms(p, q)
+        for q in (wide[i + 1:] if wide else ()):
+            terms = _ghost_terms(wide[i], q)
             total = total + 2 * terms.sum(dim=(1, 2))
             magnitude = magnitude + 2 * terms.abs().sum(dim=(1, 2))
-        terms = _ghost_terms(p, p)
+        k_v = gram(p.v)
+        k_u = gram(p.u) if p.u is not None else (p.u_idx.unsqueeze(2) == p.u_idx.unsqueeze(1)).to(k_v.dtype)
+        terms = k_u * k_v
         total = total + terms.sum(dim=(1, 2))
         magnitude = magnitude + terms.abs().sum(dim=(1, 2))
     return total, magnitude
@@ -251,10 +289,11 @@ def settle(contribs: list[Contribution], sq: Tensor, flags: Tensor | None) -> Te
     return sq.index_put((idx,), exact.clamp_min(0).to(sq.dtype))
 
 
-def unsettled_squared_norms(contribs: list[Contribution], strategy: str = "auto"
+def unsettled_squared_norms(contribs: list[Contribution], strategy: str = "auto", grams: Grams | None = None
                             ) -> tuple[Tensor, str, Tensor | None]:
     """:func:`squared_norms` without the float64 recomputation: (squares, strategy, the examples to settle
-    or None). The engine settles every parameter after one host synchronisation per physical batch."""
+    or None). The engine settles every parameter after one host synchronisation per physical batch, and
+    passes one ``grams`` for all of them (:func:`_gram`)."""
     if strategy not in ("auto", "ghost", "instantiate"):
         raise ValueError(f"unknown norm strategy {strategy!r}; use auto, ghost or instantiate")
     ghostable = all(isinstance(c, OuterSum) for c in contribs)
@@ -263,7 +302,7 @@ def unsettled_squared_norms(contribs: list[Contribution], strategy: str = "auto"
         ghost = sum(c.ghost_cost() for c in contribs) * k
         inst = sum(c.instantiate_cost() for c in contribs)
         if strategy == "ghost" or ghost <= inst:
-            sq, magnitude = _ghost_sum(contribs)
+            sq, magnitude = _ghost_sum(contribs, grams)
             return sq, "ghost", cancelled(sq, magnitude)
     return _instantiated_squares(contribs), "instantiate", None
 

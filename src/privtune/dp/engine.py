@@ -28,6 +28,7 @@ hooked layer cannot go unclipped.
 """
 from __future__ import annotations
 
+import weakref
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from privtune.dp.contributions import LOW_PRECISION, Contribution, settle, squared_norms, unsettled_squared_norms
+from privtune.dp.contributions import LOW_PRECISION, Contribution, Grams, settle, squared_norms, unsettled_squared_norms
 from privtune.dp.layers import (AUTOCAST_MATMUL, Handler, UnsupportedLayerError, embedding, find_handler,
                                 needs_probe, probe_affine_norm)
 
@@ -152,6 +153,7 @@ class GhostClipEngine:
         # layer stays shared when, at a later batch, its length happens to equal the number of examples
         self._shared: set[str] = set()
         self._anchors: dict[torch.device, Tensor] = {}
+        self._casts: dict[int, tuple[weakref.ref, Tensor]] = {}
         self._capturing = False
         self._batch_size: int | None = None
         self._hooks = [m.register_forward_hook(self._make_hook(n, m, h), with_kwargs=True)
@@ -187,7 +189,7 @@ class GhostClipEngine:
                     self._shared.add(name)
             out = output if new is None else new
             if handler in AUTOCAST_MATMUL and x.dtype != out.dtype and _autocast_dtype(out.device) == out.dtype:
-                x = x.to(out.dtype)  # the input the product used: autocast rounded it so
+                x = self._rounded(x, out.dtype)  # the input the product used: autocast rounded it so
             anchor = self._anchors.get(out.device)
             if anchor is None:  # one per device, so a model split over devices keeps every tap reachable
                 anchor = self._anchors[out.device] = torch.zeros((), device=out.device, requires_grad=True)
@@ -196,6 +198,17 @@ class GhostClipEngine:
             return _Tap.apply(out, anchor, record)
 
         return hook
+
+    def _rounded(self, x: Tensor, dtype: torch.dtype) -> Tensor:
+        """``x`` in ``dtype``, one copy per tensor: layers that read one input (BERT's query, key and value)
+        share it, and the norms' Gram products of it are then formed once (the tensor is checked by a weak
+        reference, so a freed input's reused memory is never taken for it)."""
+        hit = self._casts.get(id(x))
+        if hit is not None and hit[0]() is x and hit[1].dtype == dtype:
+            return hit[1]
+        cast = x.detach().to(dtype)
+        self._casts[id(x)] = (weakref.ref(x), cast)
+        return cast
 
     def detach(self) -> None:
         for h in self._hooks:
@@ -211,6 +224,7 @@ class GhostClipEngine:
         """
         self._records = []
         self._anchors = {}
+        self._casts = {}
         self._capturing = True
         self._batch_size = batch_size
         try:
@@ -218,6 +232,7 @@ class GhostClipEngine:
         finally:
             self._capturing = False
             self._batch_size = None
+            self._casts = {}
 
     # -- core -------------------------------------------------------------
     def _contributions(self, losses: Tensor, retain_graph: bool) -> dict[int, list[Contribution]]:
@@ -255,11 +270,11 @@ class GhostClipEngine:
     def _norms(self, contribs: dict[int, list[Contribution]], batch: int, device) -> Tensor:
         sq = torch.zeros(batch, dtype=torch.float64 if self._float64() else torch.float32, device=device)
         self.last_strategies = {}
-        parts = []
+        parts, grams = [], Grams([c for cs in contribs.values() for c in cs])  # contribs keep the factors alive
         for p in self.params:
             cs = contribs.get(id(p))
             if cs:
-                n2, how, flags = unsettled_squared_norms(cs, self.norm_strategy)
+                n2, how, flags = unsettled_squared_norms(cs, self.norm_strategy, grams)
                 parts.append((cs, n2, flags))
                 self.last_strategies[self.param_names[id(p)]] = how
         flagged = [f.any() for _, _, f in parts if f is not None]
