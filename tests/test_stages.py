@@ -129,6 +129,30 @@ def test_bf16_autocast_dp_run(tmp_path, tiny_models):
                     delta=1e-3, precision="bf16")
     res = run(s, tiny_models / "bert", tmp_path / "train.jsonl", tmp_path / "run", progress=False)
     assert res["privacy"]["epsilon"] <= 8.0 and res["train"]["noise_norm_mean"] > 0
+    assert res["train"]["settings"]["precision"] == "bf16"
+
+
+def test_auto_precision_is_bf16_only_where_the_device_has_it(tmp_path, tiny_models, monkeypatch):
+    from privtune.models import load
+
+    cpu = torch.device("cpu")
+    for flags, want in (("fpu sse avx512f avx512_bf16", "bf16"), ("fpu amx_tile amx_bf16", "bf16"),
+                        ("fpu sse avx2 avx512f avx512bw", "fp32")):
+        (tmp_path / "cpuinfo").write_text(f"processor : 0\nflags : {flags}\n")
+        assert load.native_bf16(cpu, tmp_path / "cpuinfo") is (want == "bf16")
+        monkeypatch.setattr(load, "native_bf16", lambda device, _w=want: _w == "bf16")
+        assert load.resolve_precision("auto", cpu) == want
+        assert load.resolve_precision("fp32", cpu) == "fp32" and load.resolve_precision("bf16", cpu) == "bf16"
+        monkeypatch.undo()
+    assert not load.native_bf16(cpu, tmp_path / "no-such-file")
+    with pytest.raises(ValueError, match="fp32, bf16 or auto"):
+        load.resolve_precision("fp16", cpu)
+    # a run records the precision it ran in, not "auto"
+    write_jsonl(tmp_path / "train.jsonl", SST)
+    s = RunSettings(kind="classification", epsilon=8.0, batch_size=8, steps=1, lr=1e-3, max_length=32,
+                    delta=1e-3, precision="auto")
+    res = run(s, tiny_models / "bert", tmp_path / "train.jsonl", tmp_path / "run", progress=False)
+    assert res["train"]["settings"]["precision"] == load.resolve_precision("auto", cpu)
 
 
 def test_delta_not_below_one_over_n_is_refused(tmp_path, tiny_models):

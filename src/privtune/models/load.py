@@ -15,6 +15,30 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def native_bf16(device: torch.device, cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether ``device`` computes bf16 matrix products in hardware: a CUDA device that supports bf16, or a
+    CPU with AVX512-BF16 or AMX-BF16 (read from ``cpuinfo``; elsewhere, e.g. macOS, no)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        flags = Path(cpuinfo).read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``train.precision``: fp32 and bf16 as given; ``auto`` is bf16 where ``device`` computes it natively
+    (:func:`native_bf16`), fp32 elsewhere (bf16 emulated in software is slower than fp32)."""
+    if precision in ("fp32", "bf16"):
+        return precision
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    raise ValueError(f"unknown precision {precision!r}; use fp32, bf16 or auto")
+
+
 def load_tokenizer(model_dir: Path):
     from transformers import AutoTokenizer
 

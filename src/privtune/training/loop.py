@@ -32,7 +32,7 @@ import math
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +46,7 @@ from privtune.dp.noise import privatize_
 from privtune.dp.plan import PrivacyPlan, plan_privacy
 from privtune.io import read_json
 from privtune.models import methods
-from privtune.models.load import default_device, load_tokenizer
+from privtune.models.load import default_device, load_tokenizer, resolve_precision
 from privtune.objectives import objective
 from privtune.objectives.tokenised import encode_file
 from privtune.training import checkpoint, distributed
@@ -324,6 +324,7 @@ def run(settings: RunSettings, model_dir: Path, train_file: Path, out_dir: Path,
         torch.set_num_threads(s.threads)
     _set_seed(s.seed)
     device = distributed.local_device() if world > 1 else default_device()
+    s = replace(s, precision=resolve_precision(s.precision, device))  # auto: recorded as what it ran in
     tok = load_tokenizer(model_dir)
     obj = objective(s.kind, s.task, s.objective, s.num_labels, s.prompt, model_dir=model_dir)
     if s.zero_shot:

@@ -47,7 +47,7 @@ class RunSettings:
     seed: int = 0
     threads: int | None = None
     verify_engine: bool = True
-    precision: str = "fp32"  # fp32 | bf16 (autocast of the forward pass; norms are accumulated in fp32)
+    precision: str = "fp32"  # fp32 | bf16 (autocast of the forward pass; norms are accumulated in fp32) | auto
     checkpoint_every: int = 100  # optimizer steps between checkpoints; 0: never by count
     checkpoint_minutes: float = 15.0  # minutes between checkpoints; 0: never by time
     on_nonfinite: str = "stop"  # stop | skip (a non-finite loss or gradient)
