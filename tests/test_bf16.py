@@ -118,3 +118,33 @@ def test_autocast_norms_and_clipped_sum_match_autograd_and_keep_bf16_inputs(arch
     want = torch.cat([w.flatten() for w in want_sum])
     assert all(p.grad.dtype == torch.float32 for p in engine.params)
     assert float((got - want).norm() / want.norm()) < RTOL
+
+
+def test_autocast_input_changed_in_place_between_two_layers_is_read_again():
+    """Two Linears read one tensor, changed in place between them (autograd allows it under autocast: each
+    product saved its own bf16 copy): the second layer's norms come from the changed input, not from the
+    first layer's rounded copy."""
+
+    class Twice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.second = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            h = x * 1.0
+            a = self.first(h)
+            h.mul_(3)
+            return a.float().pow(2).sum((1, 2)) + self.second(h).float().sum((1, 2))
+
+    torch.manual_seed(0)
+    model, x = Twice(), torch.randn(B, T, 8)
+    engine = GhostClipEngine(model, clip_norm=1e-3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model(x)
+    want = torch.stack([torch.sqrt(sum(g.double().pow(2).sum() for g in torch.autograd.grad(
+        losses[b], engine.params, retain_graph=True))) for b in range(B)])
+    with engine.capture(batch_size=B), torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model(x)
+    norms = engine.backward(losses)
+    engine.detach()
+    torch.testing.assert_close(norms.double(), want, rtol=RTOL, atol=0)

@@ -184,6 +184,36 @@ def test_layers_reading_one_input_share_its_gram(monkeypatch):
     assert len(formed) >= once + 2 * model.config.num_hidden_layers  # key and value took query's input Gram
 
 
+def test_shared_grams_are_released_when_a_sharer_instantiates(monkeypatch):
+    """Two layers read one input and their norms take different strategies (one ghost, one instantiated):
+    the ghost one's Gram is not kept for the other, and nothing is kept once the norms are formed."""
+    import privtune.dp.engine as engine_module
+    from privtune.dp import contributions
+
+    made = []
+
+    class Recorded(contributions.Grams):
+        def __init__(self, cs):
+            super().__init__(cs)
+            made.append(self)
+
+    monkeypatch.setattr(engine_module, "Grams", Recorded)
+    wide, narrow = nn.Linear(256, 512), nn.Linear(256, 1)  # instantiation is cheap for the narrow one only
+    model = Wrap(wide)
+    model.narrow = narrow
+    model.forward = lambda x: wide(x).pow(2).sum((1, 2)) + narrow(x).sum((1, 2))
+    x = torch.randn(B, 64, 256)
+    engine = GhostClipEngine(model, clip_norm=0.5)
+    want, _ = brute_force(engine.params, lambda: model(x), 0.5)
+    with engine.capture(batch_size=B):
+        losses = model(x)
+    norms = engine.per_example_norms(losses)
+    torch.testing.assert_close(norms, want, rtol=1e-6, atol=1e-12)
+    strategies = {engine.last_strategies[n] for n in ("layers.0.weight", "narrow.weight")}
+    assert strategies == {"ghost", "instantiate"}, engine.last_strategies
+    assert made and made[-1].kept == {}
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_whole_causal_lms_with_padding(arch):
     torch.manual_seed(7)

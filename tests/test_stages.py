@@ -145,6 +145,16 @@ def test_auto_precision_is_bf16_only_where_the_device_has_it(tmp_path, tiny_mode
         assert load.resolve_precision("fp32", cpu) == "fp32" and load.resolve_precision("bf16", cpu) == "bf16"
         monkeypatch.undo()
     assert not load.native_bf16(cpu, tmp_path / "no-such-file")
+    # a GPU: bf16 in hardware only (a T4 or V100 emulates it, slower than fp32), asked of that device
+    import contextlib
+    asked = []
+    monkeypatch.setattr(torch.cuda, "device", lambda d: asked.append(d) or contextlib.nullcontext())
+    for hardware, want in ((True, True), (False, False)):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                            lambda including_emulation=True, _h=hardware: _h or including_emulation)
+        assert load.native_bf16(torch.device("cuda", 1)) is want
+    assert asked == [torch.device("cuda", 1)] * 2
+    monkeypatch.undo()
     with pytest.raises(ValueError, match="fp32, bf16 or auto"):
         load.resolve_precision("fp16", cpu)
     # a run records the precision it ran in, not "auto"

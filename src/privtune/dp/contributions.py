@@ -217,7 +217,7 @@ CANCELLATION = 1e3
 
 
 def _key(t: Tensor) -> tuple:
-    return t.data_ptr(), tuple(t.shape), t.stride(), t.dtype
+    return t.device, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype
 
 
 class Grams:
@@ -243,6 +243,17 @@ class Grams:
         if self.left[key] > 0:
             self.kept[key] = k
         return k
+
+    def skip(self, contribs) -> None:
+        """``contribs`` take no Gram (their parameter's norm is instantiated): their factors' uses end here."""
+        for c in contribs:
+            if isinstance(c, OuterSum):
+                for t in (c.u, c.v):
+                    if t is not None:
+                        key = _key(t)
+                        self.left[key] = self.left.get(key, 1) - 1
+                        if self.left[key] <= 0:
+                            self.kept.pop(key, None)
 
 
 def _gram(t: Tensor) -> Tensor:
@@ -304,6 +315,8 @@ def unsettled_squared_norms(contribs: list[Contribution], strategy: str = "auto"
         if strategy == "ghost" or ghost <= inst:
             sq, magnitude = _ghost_sum(contribs, grams)
             return sq, "ghost", cancelled(sq, magnitude)
+    if grams is not None:
+        grams.skip(contribs)
     return _instantiated_squares(contribs), "instantiate", None
 
 

@@ -153,7 +153,7 @@ class GhostClipEngine:
         # layer stays shared when, at a later batch, its length happens to equal the number of examples
         self._shared: set[str] = set()
         self._anchors: dict[torch.device, Tensor] = {}
-        self._casts: dict[int, tuple[weakref.ref, Tensor]] = {}
+        self._casts: dict[int, tuple[weakref.ref, int, Tensor]] = {}
         self._capturing = False
         self._batch_size: int | None = None
         self._hooks = [m.register_forward_hook(self._make_hook(n, m, h), with_kwargs=True)
@@ -202,12 +202,13 @@ class GhostClipEngine:
     def _rounded(self, x: Tensor, dtype: torch.dtype) -> Tensor:
         """``x`` in ``dtype``, one copy per tensor: layers that read one input (BERT's query, key and value)
         share it, and the norms' Gram products of it are then formed once (the tensor is checked by a weak
-        reference, so a freed input's reused memory is never taken for it)."""
+        reference and its version counter, so neither a freed input's reused memory nor an input changed in place
+        after an earlier layer read it is taken for it)."""
         hit = self._casts.get(id(x))
-        if hit is not None and hit[0]() is x and hit[1].dtype == dtype:
-            return hit[1]
-        cast = x.detach().to(dtype)
-        self._casts[id(x)] = (weakref.ref(x), cast)
+        if hit is not None and hit[0]() is x and hit[1] == x._version and hit[2].dtype == dtype:
+            return hit[2]
+        cast = x.detach().to(dtype)  # and a copy of an input changed in place since is made again
+        self._casts[id(x)] = (weakref.ref(x), x._version, cast)
         return cast
 
     def detach(self) -> None:

@@ -18,8 +18,9 @@ def default_device() -> torch.device:
 def native_bf16(device: torch.device, cpuinfo: str = "/proc/cpuinfo") -> bool:
     """Whether ``device`` computes bf16 matrix products in hardware: a CUDA device that supports bf16, or a
     CPU with AVX512-BF16 or AMX-BF16 (read from ``cpuinfo``; elsewhere, e.g. macOS, no)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+    if device.type == "cuda":  # bf16 in hardware (compute capability 8.0 on), not emulated (a V100, a T4)
+        with torch.cuda.device(device):
+            return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type != "cpu":
         return False
     try:
