@@ -110,9 +110,9 @@ def read_table(path: Path, *, delimiter: str = ",", quoting: int = csv.QUOTE_MIN
             raise MalformedDataError(path, f"cannot parse the file ({str(parser).strip()})") from None
         raise
     cols = {c: ["" if v is None else v for v in cols[c]] for c in columns}
-    if len(next(iter(cols.values()))) != len(starts):
-        raise MalformedDataError(path, f"pandas read {len(next(iter(cols.values())))} rows where the csv module "
-                                       f"reads {len(starts)}: the quoting is ambiguous; check the file")
+    if (n_rows := len(cols[columns[0]])) != len(starts):
+        raise MalformedDataError(path, f"pandas read {n_rows} rows where the csv module reads {len(starts)}: "
+                                       "the quoting is ambiguous; check the file")
     return Table(cols, starts.__getitem__)
 
 

@@ -19,6 +19,8 @@ head); their per-example gradients are summed *before* the norm, so cross terms
 """
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -220,40 +222,41 @@ def _key(t: Tensor) -> tuple:
     return t.device, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype
 
 
+def _factors(contribs) -> Iterator[Tensor]:
+    """The dense factors (u and v) of the :class:`OuterSum` contributions among ``contribs``."""
+    for c in contribs:
+        if isinstance(c, OuterSum):
+            yield from (t for t in (c.u, c.v) if t is not None)
+
+
 class Grams:
     """Per-example Grams ``t tᵀ`` of the factors several contributions share (BERT's query, key and value
     read one input), formed once and kept until their last user took them. Keyed by the factor's memory:
     the caller keeps every factor alive for as long as this lives."""
 
     def __init__(self, contribs) -> None:
-        self.left: dict[tuple, int] = {}
-        for c in contribs:
-            if isinstance(c, OuterSum):
-                for t in (c.u, c.v):
-                    if t is not None:
-                        self.left[_key(t)] = self.left.get(_key(t), 0) + 1
+        self.left = Counter(_key(t) for t in _factors(contribs))
         self.kept: dict[tuple, Tensor] = {}
 
     def __call__(self, t: Tensor) -> Tensor:
         key = _key(t)
-        k = self.kept.pop(key, None)
+        k = self.kept.get(key)
         if k is None:
             k = _gram(t)
-        self.left[key] = self.left.get(key, 1) - 1
-        if self.left[key] > 0:
-            self.kept[key] = k
+        self._used(key, k)
         return k
 
     def skip(self, contribs) -> None:
         """``contribs`` take no Gram (their parameter's norm is instantiated): their factors' uses end here."""
-        for c in contribs:
-            if isinstance(c, OuterSum):
-                for t in (c.u, c.v):
-                    if t is not None:
-                        key = _key(t)
-                        self.left[key] = self.left.get(key, 1) - 1
-                        if self.left[key] <= 0:
-                            self.kept.pop(key, None)
+        for t in _factors(contribs):
+            self._used(_key(t))
+
+    def _used(self, key: tuple, gram: Tensor | None = None) -> None:
+        self.left[key] -= 1
+        if self.left[key] <= 0:
+            self.kept.pop(key, None)
+        elif gram is not None:
+            self.kept[key] = gram
 
 
 def _gram(t: Tensor) -> Tensor:
@@ -275,7 +278,7 @@ def _ghost_sum(contribs: list[OuterSum], grams: Grams | None = None) -> tuple[Te
             total = total + 2 * terms.sum(dim=(1, 2))
             magnitude = magnitude + 2 * terms.abs().sum(dim=(1, 2))
         k_v = gram(p.v)
-        k_u = gram(p.u) if p.u is not None else (p.u_idx.unsqueeze(2) == p.u_idx.unsqueeze(1)).to(k_v.dtype)
+        k_u = gram(p.u) if p.u is not None else _row_kernel(p, p)  # one-hot rows: a comparison, no product
         terms = k_u * k_v
         total = total + terms.sum(dim=(1, 2))
         magnitude = magnitude + terms.abs().sum(dim=(1, 2))
@@ -304,7 +307,7 @@ def unsettled_squared_norms(contribs: list[Contribution], strategy: str = "auto"
                             ) -> tuple[Tensor, str, Tensor | None]:
     """:func:`squared_norms` without the float64 recomputation: (squares, strategy, the examples to settle
     or None). The engine settles every parameter after one host synchronisation per physical batch, and
-    passes one ``grams`` for all of them (:func:`_gram`)."""
+    passes one :class:`Grams` for all of them."""
     if strategy not in ("auto", "ghost", "instantiate"):
         raise ValueError(f"unknown norm strategy {strategy!r}; use auto, ghost or instantiate")
     ghostable = all(isinstance(c, OuterSum) for c in contribs)

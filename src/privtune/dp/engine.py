@@ -225,7 +225,6 @@ class GhostClipEngine:
         """
         self._records = []
         self._anchors = {}
-        self._casts = {}
         self._capturing = True
         self._batch_size = batch_size
         try:
