@@ -47,7 +47,7 @@ def measure(model_dir: Path, train_file: Path, task: str = "sst2", batch: int = 
         t0 = time.perf_counter()
         for part in physical_batches(idx, lengths, max_examples, max_tokens):
             b = obj.collate([data[i] for i in part], tok.pad_token_id, "cpu")
-            with engine.capture(batch_size=len(part)):
+            with engine.capture(batch_size=len(part), lengths=[lengths[i] for i in part]):
                 losses = obj.loss(model, b)
             engine.backward(losses)
         privatize_(engine.params, 0.6, 0.1, len(idx), gen)

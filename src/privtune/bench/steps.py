@@ -83,7 +83,8 @@ def _ours(model, batch: int, arch: str, precision: str, lr: float, ph, mode: str
 
     def step(parts):
         for b in parts:
-            with ph("forward"), engine.capture(batch_size=b["input_ids"].shape[0]), autocast(precision, dev):
+            with ph("forward"), engine.capture(batch_size=b["input_ids"].shape[0], lengths=workload.lengths(b)), \
+                    autocast(precision, dev):
                 losses = workload.losses(arch, model, b)
             with ph("backward (engine, all)"):
                 engine.backward(losses)

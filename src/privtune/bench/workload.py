@@ -105,6 +105,12 @@ def sst2_batches(spec: dict, dev, batch: int | None = None) -> tuple[list[dict],
     return out, info
 
 
+def lengths(b: dict) -> list[int] | None:
+    """Each example's unpadded length (right padding), the engine's hint for skipping padded rows."""
+    mask = b.get("attention_mask")
+    return None if mask is None else mask.sum(1).tolist()
+
+
 # -- models, losses, steps ------------------------------------------------------------------------
 def arch(spec: dict) -> str:
     return spec.get("arch", "gpt2")

@@ -56,6 +56,9 @@ class OuterSum:
     rows: int
     u: Tensor | None = None  # (B, T, rows) dense row factor, or
     u_idx: Tensor | None = None  # (B, T) indices of a one-hot row factor
+    # which factor is the layer's output gradient ("u" or "v"), zero at the positions the loss does not
+    # read: where padded rows are dropped it is checked first (:mod:`privtune.dp.padding`); None: unknown
+    grad_side: str | None = None
 
     def __post_init__(self) -> None:
         # The factors stay in the dtype the backward gave them (bf16 under mixed precision: no float32
@@ -113,6 +116,13 @@ class OuterSum:
         """The examples ``idx`` of this contribution, its factors in ``dtype``."""
         return OuterSum(v=self.v[idx].to(dtype), rows=self.rows, u=None if self.u is None else self.u[idx].to(dtype),
                         u_idx=None if self.u_idx is None else self.u_idx[idx])
+
+    def narrow(self, start: int, stop: int, length: int) -> "OuterSum":
+        """Examples ``start:stop``, their first ``length`` rows (views of the factors)."""
+        return OuterSum(v=self.v[start:stop, :length], rows=self.rows,
+                        u=None if self.u is None else self.u[start:stop, :length],
+                        u_idx=None if self.u_idx is None else self.u_idx[start:stop, :length],
+                        grad_side=self.grad_side)
 
     def instantiate(self) -> Tensor:
         """(B, rows, cols) per-example gradients (in the factors' dtype: a bf16 product accumulates in

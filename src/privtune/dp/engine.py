@@ -37,6 +37,7 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
+from privtune.dp import padding
 from privtune.dp.contributions import LOW_PRECISION, Contribution, Grams, settle, squared_norms, unsettled_squared_norms
 from privtune.dp.layers import (AUTOCAST_MATMUL, Handler, UnsupportedLayerError, embedding, find_handler,
                                 needs_probe, probe_affine_norm)
@@ -156,6 +157,7 @@ class GhostClipEngine:
         self._casts: dict[int, tuple[weakref.ref, int, Tensor]] = {}
         self._capturing = False
         self._batch_size: int | None = None
+        self._lengths: list[int] | None = None  # the captured batch's example lengths (a hint, see capture)
         self._hooks = [m.register_forward_hook(self._make_hook(n, m, h), with_kwargs=True)
                        for n, (m, h) in self._layers.items()]
         self.last_strategies: dict[str, str] = {}
@@ -217,16 +219,20 @@ class GhostClipEngine:
         self._hooks = []
 
     @contextmanager
-    def capture(self, batch_size: int | None = None) -> Iterator[None]:
+    def capture(self, batch_size: int | None = None, lengths=None) -> Iterator[None]:
         """Record layer inputs (and tap layer outputs) of the forward pass run inside this block.
 
         ``batch_size`` lets layers that run once per batch and broadcast (position
         embeddings) be split into per-example rows; pass it whenever it is known.
+        ``lengths`` (each example's unpadded length, right padding) lets the norms and the
+        clipped sum skip padded rows, where they are checked to add nothing
+        (:mod:`privtune.dp.padding`); a wrong hint costs time, never exactness.
         """
         self._records = []
         self._anchors = {}
         self._capturing = True
         self._batch_size = batch_size
+        self._lengths = None if lengths is None else [int(x) for x in lengths]
         try:
             yield
         finally:
@@ -267,21 +273,34 @@ class GhostClipEngine:
         self._records = []  # the contributions hold what is still needed
         return contribs
 
-    def _norms(self, contribs: dict[int, list[Contribution]], batch: int, device) -> Tensor:
+    def _padding(self, contribs: dict[int, list[Contribution]], batch: int, device
+                 ) -> tuple[padding.Layout | None, set[int]]:
+        """The captured batch's padding layout, and the parameters whose padded rows were checked zero."""
+        lengths, self._lengths = self._lengths, None
+        if lengths is not None and len(lengths) != batch:
+            raise ValueError(f"engine.capture(lengths=...) was given {len(lengths)} lengths for a batch of {batch} "
+                             "examples; pass one length per example (or none)")
+        lay = padding.layout(lengths, device)
+        return lay, (padding.checked(contribs, lay) if lay is not None else set())
+
+    def _norms(self, contribs: dict[int, list[Contribution]], batch: int, device,
+               lay: padding.Layout | None = None, trimmed: set[int] = frozenset()) -> Tensor:
         sq = torch.zeros(batch, dtype=torch.float64 if self._float64() else torch.float32, device=device)
         self.last_strategies = {}
-        parts, grams = [], Grams([c for cs in contribs.values() for c in cs])  # contribs keep the factors alive
+        # a trimmed parameter's norms are taken run by run, each run to its longest example
+        pieces = {pid: padding.by_runs(cs, lay) if pid in trimmed else [(slice(None), cs)]
+                  for pid, cs in contribs.items()}
+        parts, grams = [], Grams([c for ps in pieces.values() for _, cs in ps for c in cs])  # contribs keep the factors alive
         for p in self.params:
-            cs = contribs.get(id(p))
-            if cs:
+            for rows, cs in pieces.get(id(p), ()):
                 n2, how, flags = unsettled_squared_norms(cs, self.norm_strategy, grams)
-                parts.append((cs, n2, flags))
-                self.last_strategies[self.param_names[id(p)]] = how
-        flagged = [f.any() for _, _, f in parts if f is not None]
+                parts.append((rows, cs, n2, flags))
+                self.last_strategies[self.param_names[id(p)]] = how  # the last run: the longest examples
+        flagged = [f.any() for *_, f in parts if f is not None]
         if flagged and bool(torch.stack(flagged).any()):  # one host synchronisation per physical batch
-            parts = [(cs, settle(cs, n2, flags), None) for cs, n2, flags in parts]
-        for _, n2, _ in parts:
-            sq = sq + n2.to(sq.dtype)
+            parts = [(rows, cs, settle(cs, n2, flags), None) for rows, cs, n2, flags in parts]
+        for rows, _, n2, _ in parts:
+            sq[rows] += n2.to(sq.dtype)
         return sq.sqrt()
 
     def _float64(self) -> bool:
@@ -296,16 +315,18 @@ class GhostClipEngine:
     def per_example_norms(self, losses: Tensor) -> Tensor:
         """Per-example gradient norms only (no gradient is written)."""
         contribs = self._contributions(losses, retain_graph=False)
-        return self._norms(contribs, losses.shape[0], losses.device)
+        return self._norms(contribs, losses.shape[0], losses.device,
+                           *self._padding(contribs, losses.shape[0], losses.device))
 
     def backward(self, losses: Tensor) -> Tensor:
         """Accumulate ``Σ_b min(1, C/‖∇L_b‖) ∇L_b`` into ``p.grad``; return the per-example norms."""
         if losses.dim() == 1 and losses.shape[0] == 0:
             # an empty physical batch (Poisson sampling draws one now and then) adds nothing
-            self._records = []
+            self._records, self._lengths = [], None
             return losses.detach().new_zeros(0)
         contribs = self._contributions(losses, retain_graph=self.mode == "ghost")
-        norms = self._norms(contribs, losses.shape[0], losses.device)
+        lay, trimmed = self._padding(contribs, losses.shape[0], losses.device)
+        norms = self._norms(contribs, losses.shape[0], losses.device, lay, trimmed)
         factors = self.clip_factors(norms)
         if any(c.dtype in LOW_PRECISION for cs in contribs.values() for c in cs):
             # bf16/fp16 factors: the clip factor is rounded to their dtype before it scales them (and an
@@ -332,8 +353,12 @@ class GhostClipEngine:
                 acc, acc_dtype = p.grad, torch.promote_types(cs[0].dtype, torch.float32)
                 if acc is None or acc.dtype != acc_dtype or not acc.is_contiguous():
                     acc = torch.zeros(p.shape, dtype=acc_dtype, device=p.device)
+                w, kept = factors, keep
+                if id(p) in trimmed:  # one product over the kept rows, each weighted by its example's factor
+                    cs, w, kept = [padding.packed(c, lay) for c in cs], factors[lay.examples], \
+                        None if keep is None else keep[lay.examples]
                 for c in cs:
-                    c.weighted_sum(factors, out=acc.view(c.sum_shape), keep=keep)
+                    c.weighted_sum(w, out=acc.view(c.sum_shape), keep=kept)
                 if acc is not p.grad:
                     acc = acc.to(p.dtype)
                     p.grad = acc if p.grad is None else p.grad + acc

@@ -74,7 +74,7 @@ def linear(module: nn.Linear, x: Tensor, g: Tensor) -> dict[str, Contribution]:
     a, g = _seq(x), _seq(g)
     out: dict[str, Contribution] = {}
     if _trainable(module, "weight"):  # weight (out, in): rows = g, cols = a
-        out["weight"] = OuterSum(u=g, v=a, rows=module.out_features)
+        out["weight"] = OuterSum(u=g, v=a, rows=module.out_features, grad_side="u")
     if _trainable(module, "bias"):
         out["bias"] = Direct(g.sum(1))
     return out
@@ -93,7 +93,7 @@ def conv1d(module: nn.Module, x: Tensor, g: Tensor) -> dict[str, Contribution]:
     a, g = _seq(x), _seq(g)
     out: dict[str, Contribution] = {}
     if _trainable(module, "weight"):
-        out["weight"] = OuterSum(u=a, v=g, rows=module.weight.shape[0])
+        out["weight"] = OuterSum(u=a, v=g, rows=module.weight.shape[0], grad_side="v")
     if _trainable(module, "bias"):
         out["bias"] = Direct(g.sum(1))
     return out
@@ -122,7 +122,7 @@ def embedding(module: nn.Embedding, x: Tensor, g: Tensor) -> dict[str, Contribut
     e = _seq(g)
     if module.padding_idx is not None:  # PyTorch gives the padding row no gradient
         e = e * (idx != module.padding_idx).unsqueeze(-1).to(e.dtype)
-    return {"weight": OuterSum(u_idx=idx, v=e, rows=module.num_embeddings)}
+    return {"weight": OuterSum(u_idx=idx, v=e, rows=module.num_embeddings, grad_side="v")}
 
 
 def _affine_norm_parts(module: nn.Module, x: Tensor) -> Tensor:

@@ -172,14 +172,15 @@ def clip_and_sum(job: Job, shard, batch_len: int, state: RunState) -> tuple[floa
         chunk = [job.data[i] for i in part]
         batch = job.obj.collate(chunk, job.tok.pad_token_id, job.device)
         if plan.private:
-            with engine.capture(batch_size=len(chunk)), _autocast(s.precision, job.device):
+            lengths = [job.lengths[i] for i in part]  # right padding: the engine skips padded rows it checks zero
+            with engine.capture(batch_size=len(chunk), lengths=lengths), _autocast(s.precision, job.device):
                 losses = job.obj.loss(job.model, batch)
             if s.verify_engine and not state.verified:
                 # once: every parameter's gradient flows through hooked layers (bf16 autograd
                 # gradients carry ~1e-2 relative rounding, hence the looser tolerance there)
                 engine.verify(losses, rtol=1e-3 if s.precision == "fp32" else 5e-2)
                 state.verified = True
-                with engine.capture(batch_size=len(chunk)), _autocast(s.precision, job.device):
+                with engine.capture(batch_size=len(chunk), lengths=lengths), _autocast(s.precision, job.device):
                     losses = job.obj.loss(job.model, batch)
             engine.backward(losses)
         else:
