@@ -63,20 +63,12 @@ class OuterSum:
     def __post_init__(self) -> None:
         # The factors stay in the dtype the backward gave them (bf16 under mixed precision: no float32
         # copy of every layer's input and output gradient is held until the clipped sum); products
-        # that need float32 widen one layer's factors for as long as they run (:meth:`widened`).
+        # that need float32 widen the factors they multiply for as long as they run.
         if (self.u is None) == (self.u_idx is None):
             raise ValueError("OuterSum needs exactly one of u (dense) or u_idx (one-hot)")
         if self.u is not None and self.u.dtype != self.v.dtype:
             self.u = self.u.to(torch.promote_types(self.u.dtype, self.v.dtype))
             self.v = self.v.to(self.u.dtype)
-
-    def widened(self) -> "OuterSum":
-        """This contribution with float32 factors if they are bf16/fp16 (itself otherwise): products of
-        bf16 numbers are exact in float32, so Gram matrices formed from these are float32-accurate."""
-        if self.v.dtype not in LOW_PRECISION:
-            return self
-        return OuterSum(v=self.v.float(), rows=self.rows, u=None if self.u is None else self.u.float(),
-                        u_idx=self.u_idx)
 
     @property
     def batch(self) -> int:
@@ -211,8 +203,16 @@ def _row_kernel(p: OuterSum, q: OuterSum) -> Tensor:
 
 
 def _ghost_terms(p: OuterSum, q: OuterSum) -> Tensor:
-    """(B, Tp, Tq) terms ⟨u_t,u'_s⟩⟨v_t,v'_s⟩ whose sum over (t, s) is ``⟨G_b, G'_b⟩``."""
-    return _row_kernel(p, q) * torch.bmm(p.v, q.v.transpose(1, 2))
+    """(B, Tp, Tq) terms ⟨u_t,u'_s⟩⟨v_t,v'_s⟩ whose sum over (t, s) is ``⟨G_b, G'_b⟩``, in at least
+    float32: products of bf16 numbers are exact in float32, so the factors of each product are widened
+    for it; a dense row factor met by a one-hot one is gathered, exactly, not widened (GPT-2's tied head:
+    its 50,257-wide output gradient)."""
+    acc = _acc_dtype(p.v.dtype)
+    if p.u is not None and q.u is not None:
+        k_u = torch.bmm(p.u.to(acc), q.u.to(acc).transpose(1, 2))
+    else:
+        k_u = _row_kernel(p, q).to(acc)
+    return k_u * torch.bmm(p.v.to(acc), q.v.to(acc).transpose(1, 2))
 
 
 def ghost_inner(p: OuterSum, q: OuterSum) -> Tensor:
@@ -281,10 +281,9 @@ def _ghost_sum(contribs: list[OuterSum], grams: Grams | None = None) -> tuple[Te
     the cancellation the guard below looks for. A contribution's own Grams come from ``grams`` if given."""
     gram = grams or _gram
     total = magnitude = 0
-    wide = [c.widened() for c in contribs] if len(contribs) > 1 else None  # cross terms (tied layers)
     for i, p in enumerate(contribs):
-        for q in (wide[i + 1:] if wide else ()):
-            terms = _ghost_terms(wide[i], q)
+        for q in contribs[i + 1:]:  # cross terms (tied layers)
+            terms = _ghost_terms(p, q)
             total = total + 2 * terms.sum(dim=(1, 2))
             magnitude = magnitude + 2 * terms.abs().sum(dim=(1, 2))
         k_v = gram(p.v)
