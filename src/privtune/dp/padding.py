@@ -78,6 +78,7 @@ class Layout:
     """Where a physical batch's padding is: the runs the norms take, and the rows the clipped sum keeps."""
 
     runs: list[tuple[int, int, int]]  # (start, stop, length) per run of examples (:func:`runs`)
+    batch: int  # examples
     padded: int  # the batch's padded length
     kept: Tensor  # (N,) flat indices b·T + t of the rows t < length_b
     dropped: Tensor  # the other rows'
@@ -95,7 +96,7 @@ def layout(lengths: Sequence[int] | None, device) -> Layout | None:
     n = torch.as_tensor([int(x) for x in lengths], device=device)
     inside = (torch.arange(padded, device=device)[None] < n[:, None]).flatten()
     flat = torch.arange(inside.numel(), device=device)
-    return Layout(plan, padded, flat[inside], flat[~inside],
+    return Layout(plan, len(lengths), padded, flat[inside], flat[~inside],
                   torch.arange(len(lengths), device=device).repeat_interleave(n))
 
 
@@ -122,7 +123,8 @@ def checked(contribs: dict[int, list[Contribution]], lay: Layout) -> set[int]:
 
     items = []  # (parameter, factors to try)
     for pid, cs in contribs.items():
-        if all(isinstance(c, OuterSum) and c.length == lay.padded for c in cs):  # not biases, norm scales, heads
+        # (B, T, ·) factors only: not biases, norm scales or pooled heads
+        if all(isinstance(c, OuterSum) and c.batch == lay.batch and c.length == lay.padded for c in cs):
             items += [(pid, _order(c)) for c in cs]
     passed = [False] * len(items)
     todo = list(range(len(items)))
