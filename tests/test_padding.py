@@ -171,10 +171,16 @@ def test_a_contribution_is_trimmed_only_where_a_factor_is_zero_in_every_dropped_
     for b, n in enumerate([2, 2, 5, 6]):
         v3[b, n:] = 0  # the other factor is zero there: trimmed after the second check
     assert padding.checked({0: [OuterSum(u=u3, v=v3, rows=3, grad_side="u")]}, lay) == {0}
-    # what is kept is what the whole contribution gives: the same per-example gradients and weighted sum
+    v4 = v.clone()
+    v4[2, 5, 1] = float("nan")  # u is zero there, but 0·NaN is not zero: the row is kept
+    assert padding.checked({0: [OuterSum(u=u, v=v4, rows=3, grad_side="u")]}, lay) == set()
+    # what is kept is what the whole contribution gives: the same per-example gradients and weighted sum,
+    # in one chunk or in chunks of 256 rows at least
     c = OuterSum(u=u, v=v, rows=3, grad_side="u")
     w = torch.rand(4, generator=g)
-    torch.testing.assert_close(padding.packed(c, lay).weighted_sum(w[lay.examples]), c.weighted_sum(w))
+    chunks = list(padding.packed(c, lay))
+    assert len(chunks) == 1
+    torch.testing.assert_close(sum(p.weighted_sum(w[rows]) for rows, p in chunks), c.weighted_sum(w))
     pieces = padding.by_runs([c], lay)
     assert [rows for rows, _ in pieces] == [slice(b0, b1) for b0, b1, _ in lay.runs]
     got = torch.cat([cs[0].instantiate() for _, cs in pieces])
@@ -213,3 +219,109 @@ def test_under_autocast_trimming_changes_no_norm_and_the_sum_within_bf16_roundin
     assert trimmed and trimmed[0]
     torch.testing.assert_close(got[1][0], got[0][0], rtol=1e-5, atol=0)
     assert float((got[1][1] - got[0][1]).norm() / got[0][1].norm()) < 1e-2
+
+
+def test_kept_rows_are_summed_in_chunks_of_bounded_size(monkeypatch):
+    g = torch.Generator().manual_seed(1)
+    lengths = [300, 500, 700, 900]
+    u, v = torch.randn(4, 900, 3, generator=g), torch.randn(4, 900, 5, generator=g)
+    for b, n in enumerate(lengths):
+        u[b, n:] = 0
+    lay = padding.layout(lengths, "cpu")
+    c = OuterSum(u=u, v=v, rows=3, grad_side="u")
+    monkeypatch.setattr(padding, "PACK_BYTES", 1)  # the floor: 256 rows per chunk
+    chunks = list(padding.packed(c, lay))
+    assert [p.batch for _, p in chunks] == [256] * 9 + [2400 - 9 * 256]
+    w = torch.rand(4, generator=g)
+    torch.testing.assert_close(sum(p.weighted_sum(w[rows]) for rows, p in chunks), c.weighted_sum(w))
+
+
+class _EmbedLinear(torch.nn.Module):
+    def __init__(self, tied=False):
+        super().__init__()
+        self.emb = torch.nn.Embedding(16, 6)
+        self.lin = torch.nn.Linear(6, 6)
+        self.head = torch.nn.Linear(6, 16, bias=False)
+        if tied:
+            self.head.weight = self.emb.weight
+
+    def forward(self, ids, mask, read_padding=False):
+        keep = torch.ones_like(mask) if read_padding else mask
+        h = torch.where(keep[..., None] > 0, self.lin(self.emb(ids)), 0.0)  # padded outputs: gradient exactly 0
+        return (self.head(torch.tanh(h)).logsumexp(-1) * keep).sum(1)
+
+
+@pytest.mark.parametrize("mode", ["bk", "ghost"])
+def test_a_non_finite_input_in_a_dropped_row_keeps_the_answer_of_the_untrimmed_engine(mode):
+    """The padding token's embedding is NaN: the loss never reads padded positions, so the linear layer's
+    output gradient is exactly zero there, but 0·NaN is NaN in its weight gradient. With or without the
+    hint the engine gives the same norms (NaN for the padded examples, which are dropped) and the same
+    sum."""
+    lengths = [2, 3, 4, 5, 6, 7, 16, 16]
+    torch.manual_seed(0)
+    model = _EmbedLinear()
+    with torch.no_grad():
+        model.emb.weight[0] = float("nan")
+    ids = torch.randint(1, 16, (8, 16))
+    mask = (torch.arange(16)[None] < torch.tensor(lengths)[:, None]).long()
+    ids[mask == 0] = 0
+    got = []
+    for hint in (None, lengths):
+        engine = GhostClipEngine(model, clip_norm=1.0, mode=mode)
+        with engine.capture(batch_size=8, lengths=hint):
+            losses = model(ids, mask)
+        norms = engine.backward(losses)
+        got.append((norms, [p.grad.clone() for p in engine.params]))
+        engine.detach()
+        model.zero_grad(set_to_none=True)
+    assert torch.isnan(got[0][0][:6]).all() and torch.isfinite(got[0][0][6:]).all()
+    torch.testing.assert_close(got[1][0], got[0][0], equal_nan=True)
+    for a, b in zip(got[1][1], got[0][1]):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b)
+
+
+def test_a_tied_parameter_is_trimmed_only_if_every_contribution_passes(monkeypatch):
+    """The embedding's rows are dropped-zero, the tied head's are not (the loss reads every position): the
+    shared weight stays whole, and its norms and sum are exact."""
+    lengths = [2, 3, 5, 8, 8, 12]
+    torch.manual_seed(1)
+    model = _EmbedLinear(tied=True)
+    ids = torch.randint(1, 16, (6, 12))
+    mask = (torch.arange(12)[None] < torch.tensor(lengths)[:, None]).long()
+    engine = GhostClipEngine(model, clip_norm=1.0)
+    grads = _per_example(engine.params, model(ids, mask, read_padding=True))
+    want = torch.stack([torch.sqrt(sum(g.pow(2).sum() for g in gs)) for gs in grads])
+    seen = []
+    real = padding.checked
+    monkeypatch.setattr(padding, "checked", lambda c, lay: seen.append(real(c, lay)) or seen[-1])
+    with engine.capture(batch_size=6, lengths=lengths):
+        losses = model(ids, mask, read_padding=True)
+    torch.testing.assert_close(engine.per_example_norms(losses), want)
+    assert id(model.emb.weight) not in seen[0]
+
+
+def test_per_example_norms_and_verify_take_the_trimmed_path(monkeypatch):
+    torch.manual_seed(9)
+    model = AutoModelForSequenceClassification.from_config(tiny_config("bert", num_labels=2), dtype=torch.float64)
+    model.eval()
+    ids, mask = _batch(128, 0)
+    labels = torch.arange(B) % 2
+    loss = lambda: torch.nn.functional.cross_entropy(
+        model(input_ids=ids, attention_mask=mask).logits, labels, reduction="none")
+    engine = GhostClipEngine(model, clip_norm=1.0)
+    with engine.capture(batch_size=B):
+        whole = engine.per_example_norms(loss())
+    seen = []
+    real = padding.checked
+    monkeypatch.setattr(padding, "checked", lambda c, lay: seen.append(real(c, lay)) or seen[-1])
+    with engine.capture(batch_size=B, lengths=LENGTHS):
+        torch.testing.assert_close(engine.per_example_norms(loss()), whole, rtol=1e-12, atol=0)
+    with engine.capture(batch_size=B, lengths=LENGTHS):
+        engine.verify(loss(), rtol=1e-9, examples=B)
+    assert len(seen) == 2 and all(seen)
+
+
+def test_a_negative_length_is_refused():
+    with pytest.raises(ValueError, match="negative length"):
+        padding.layout([3, -1, 2], "cpu")

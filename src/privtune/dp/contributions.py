@@ -207,7 +207,7 @@ def _ghost_terms(p: OuterSum, q: OuterSum) -> Tensor:
     float32: products of bf16 numbers are exact in float32, so the factors of each product are widened
     for it; a dense row factor met by a one-hot one is gathered, exactly, not widened (GPT-2's tied head:
     its 50,257-wide output gradient)."""
-    acc = _acc_dtype(p.v.dtype)
+    acc = _acc_dtype(torch.promote_types(p.v.dtype, q.v.dtype))
     if p.u is not None and q.u is not None:
         k_u = torch.bmm(p.u.to(acc), q.u.to(acc).transpose(1, 2))
     else:

@@ -224,9 +224,10 @@ class GhostClipEngine:
 
         ``batch_size`` lets layers that run once per batch and broadcast (position
         embeddings) be split into per-example rows; pass it whenever it is known.
-        ``lengths`` (each example's unpadded length, right padding) lets the norms and the
-        clipped sum skip padded rows, where they are checked to add nothing
-        (:mod:`privtune.dp.padding`); a wrong hint costs time, never exactness.
+        ``lengths`` (each example's unpadded length, right padding, the longest one the batch's
+        padded length) lets the norms and the clipped sum skip padded rows, where they are checked
+        to add nothing (:mod:`privtune.dp.padding`): wrong lengths cost time, never exactness; a
+        count that is not the batch size, or a negative length, is an error.
         """
         self._records = []
         self._anchors = {}
@@ -283,6 +284,17 @@ class GhostClipEngine:
         lay = padding.layout(lengths, device)
         return lay, (padding.checked(contribs, lay) if lay is not None else set())
 
+    @staticmethod
+    def _summands(cs: list[Contribution], lay: padding.Layout | None, trimmed: bool
+                  ) -> Iterator[tuple[slice | Tensor, Contribution]]:
+        """(the examples of its rows, a contribution) whose weighted sums make the parameter's clipped sum:
+        a trimmed parameter's kept rows in chunks, one row per entry, else each contribution whole."""
+        for c in cs:
+            if trimmed:
+                yield from padding.packed(c, lay)
+            else:
+                yield slice(None), c
+
     def _norms(self, contribs: dict[int, list[Contribution]], batch: int, device,
                lay: padding.Layout | None = None, trimmed: set[int] = frozenset()) -> Tensor:
         sq = torch.zeros(batch, dtype=torch.float64 if self._float64() else torch.float32, device=device)
@@ -295,7 +307,7 @@ class GhostClipEngine:
             for rows, cs in pieces.get(id(p), ()):
                 n2, how, flags = unsettled_squared_norms(cs, self.norm_strategy, grams)
                 parts.append((rows, cs, n2, flags))
-                self.last_strategies[self.param_names[id(p)]] = how  # the last run: the longest examples
+                self.last_strategies[self.param_names[id(p)]] = how  # a trimmed parameter's: its last run's
         flagged = [f.any() for *_, f in parts if f is not None]
         if flagged and bool(torch.stack(flagged).any()):  # one host synchronisation per physical batch
             parts = [(rows, cs, settle(cs, n2, flags), None) for rows, cs, n2, flags in parts]
@@ -353,24 +365,27 @@ class GhostClipEngine:
                 acc, acc_dtype = p.grad, torch.promote_types(cs[0].dtype, torch.float32)
                 if acc is None or acc.dtype != acc_dtype or not acc.is_contiguous():
                     acc = torch.zeros(p.shape, dtype=acc_dtype, device=p.device)
-                w, kept = factors, keep
-                if id(p) in trimmed:  # one product over the kept rows, each weighted by its example's factor
-                    cs, w, kept = [padding.packed(c, lay) for c in cs], factors[lay.examples], \
-                        None if keep is None else keep[lay.examples]
-                for c in cs:
-                    c.weighted_sum(w, out=acc.view(c.sum_shape), keep=kept)
+                for rows, c in self._summands(cs, lay, id(p) in trimmed):
+                    c.weighted_sum(factors[rows], out=acc.view(c.sum_shape), keep=None if keep is None else keep[rows])
                 if acc is not p.grad:
                     acc = acc.to(p.dtype)
                     p.grad = acc if p.grad is None else p.grad + acc
         self._records = []
         return norms
 
-    def _check_examples(self, contribs, losses: Tensor, rtol: float, examples: int) -> None:
+    def _check_examples(self, contribs, losses: Tensor, rtol: float, examples: int,
+                        lay: padding.Layout | None = None, trimmed: set[int] = frozenset()) -> None:
         """Each parameter's per-example squared norm from the engine against autograd, for a few examples."""
         if losses.shape[0] < 2:
             return  # one example: the sum check below is the per-example check
         picks = sorted({0, losses.shape[0] - 1, *range(1, min(examples, losses.shape[0]) - 1)})
-        mine = {id(p): squared_norms(cs, self.norm_strategy)[0] for p in self.params if (cs := contribs.get(id(p)))}
+        mine = {}
+        for p in self.params:
+            if cs := contribs.get(id(p)):
+                sq = torch.zeros(losses.shape[0], dtype=torch.float64, device=losses.device)
+                for rows, piece in (padding.by_runs(cs, lay) if id(p) in trimmed else [(slice(None), cs)]):
+                    sq[rows] += squared_norms(piece, self.norm_strategy)[0].double()
+                mine[id(p)] = sq
         for b in picks:
             grads = torch.autograd.grad(losses[b], self.params, allow_unused=True, retain_graph=True)
             total = sum(float(g.double().pow(2).sum()) for g in grads if g is not None)
@@ -400,7 +415,8 @@ class GhostClipEngine:
         ``capture()`` forward; it consumes the graph. Raises :class:`UnsupportedLayerError` on mismatch.
         """
         contribs = self._contributions(losses, retain_graph=True)
-        self._check_examples(contribs, losses, rtol, examples)
+        lay, trimmed = self._padding(contribs, losses.shape[0], losses.device)  # the path training takes
+        self._check_examples(contribs, losses, rtol, examples, lay, trimmed)
         ref = torch.autograd.grad(losses.sum(), self.params, allow_unused=True)
         ones = torch.ones(losses.shape[0], dtype=losses.dtype, device=losses.device)
         ref = [torch.zeros_like(p) if w is None else w for p, w in zip(self.params, ref)]
@@ -409,7 +425,8 @@ class GhostClipEngine:
         floor = 1e-5 * torch.sqrt(sum(w.double().pow(2).sum() for w in ref))
         for p, want in zip(self.params, ref):
             cs = contribs.get(id(p), [])
-            got = sum(c.weighted_sum(ones) for c in cs).view(p.shape) if cs else torch.zeros_like(p)
+            got = (sum(c.weighted_sum(ones[rows]) for rows, c in self._summands(cs, lay, id(p) in trimmed)).view(p.shape)
+                   if cs else torch.zeros_like(p))
             err = (got.to(want.dtype) - want).norm()
             if err > rtol * want.norm() + floor:
                 raise UnsupportedLayerError(

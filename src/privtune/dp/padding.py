@@ -10,16 +10,17 @@ sum's product T. Given each example's length (a hint, ``engine.capture(lengths=.
 * the norms are taken over a few runs of consecutive examples, each trimmed to its longest example
   (:func:`runs`; privtune's physical batches are sorted by length, so a run's examples are alike).
 
-The hint is never trusted: a parameter is trimmed only when each of its contributions has a factor that
-is zero in every dropped row, checked on the factors themselves (:func:`checked`; a NaN is not zero). A
-wrong hint (left padding, a loss that reads padded positions, a layer whose rows are not positions)
-costs the check's time and leaves that parameter whole: it cannot change a norm or the clipped sum.
-The check reads only the dropped rows, once per factor (query, key and value share theirs), the layer's
-output gradient first.
+The hint is never trusted: a parameter is trimmed only when each of its contributions has, in every
+dropped row, a factor that is zero and one that is finite, checked on the factors themselves
+(:func:`checked`): every dropped term is then exactly zero. A wrong hint (left padding, a loss that
+reads padded positions, a layer whose rows are not positions) costs the check's time and leaves that
+parameter whole: it cannot change a norm or the clipped sum. The check reads only the dropped rows, once
+per factor (query, key and value share theirs). A batch padded beyond its longest length (to a fixed
+``max_length``) is not trimmed: the hint's longest length must be the batch's padded length.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -89,53 +90,71 @@ def layout(lengths: Sequence[int] | None, device) -> Layout | None:
     """The batch's :class:`Layout`, or None where padding is less than :data:`MIN_SAVING` of its rows."""
     if not lengths:
         return None
-    padded = max(int(x) for x in lengths)
-    if sum(int(x) for x in lengths) > (1 - MIN_SAVING) * len(lengths) * padded:
+    lengths = [int(x) for x in lengths]
+    if min(lengths) < 0:
+        raise ValueError(f"engine.capture(lengths=...) got a negative length ({min(lengths)}); pass each example's "
+                         "unpadded length")
+    padded = max(lengths)
+    if sum(lengths) > (1 - MIN_SAVING) * len(lengths) * padded:
         return None
     plan = runs(lengths)
-    n = torch.as_tensor([int(x) for x in lengths], device=device)
+    n = torch.as_tensor(lengths, device=device)
     inside = (torch.arange(padded, device=device)[None] < n[:, None]).flatten()
     flat = torch.arange(inside.numel(), device=device)
     return Layout(plan, len(lengths), padded, flat[inside], flat[~inside],
                   torch.arange(len(lengths), device=device).repeat_interleave(n))
 
 
-def _order(c: OuterSum) -> list[Tensor]:
-    """The factors whose dropped rows may be zero, the layer's output gradient first (usually the one
-    that is)."""
+def _pairs(c: OuterSum) -> list[tuple[Tensor, Tensor | None]]:
+    """(the factor that may be zero in the dropped rows, the other one, which must then be finite there),
+    the layer's output gradient first (usually the zero one)."""
     if c.u is None:
-        return [c.v]  # a one-hot row factor is never zero
-    return [c.v, c.u] if c.grad_side == "v" else [c.u, c.v]
+        return [(c.v, None)]  # a one-hot row factor is never zero, and always finite
+    return [(c.v, c.u), (c.u, c.v)] if c.grad_side == "v" else [(c.u, c.v), (c.v, c.u)]
 
 
 def checked(contribs: dict[int, list[Contribution]], lay: Layout) -> set[int]:
-    """The parameters whose every contribution has one factor that is zero in every row the layout drops
-    (then every term of those rows is zero: each example's gradient is the sum over its kept rows). The
-    output gradients are checked first, then, where that failed, the other factors: at most two host
+    """The parameters each of whose contributions has, in every row the layout drops, one factor that is
+    zero and another that is finite: each term ``u_t v_tᵀ`` of those rows is then exactly zero (0·NaN is
+    not), so each example's gradient is the sum over its kept rows, as without the hint. The output
+    gradients are tried first, then, where that failed, the other factors: at most two host
     synchronisations per physical batch."""
-    zero: dict[tuple, Tensor] = {}  # factor -> its dropped rows are all zero (a NaN is not)
+    rows: dict[tuple, Tensor] = {}
 
-    def is_zero(t: Tensor) -> Tensor:
+    def dropped(t: Tensor) -> Tensor:
         key = _key(t)
-        if key not in zero:
-            zero[key] = t.reshape(-1, t.shape[-1]).index_select(0, lay.dropped).count_nonzero() == 0
-        return zero[key]
+        if key not in rows:
+            rows[key] = t.reshape(-1, t.shape[-1]).index_select(0, lay.dropped)
+        return rows[key]
 
-    items = []  # (parameter, factors to try)
+    zero: dict[tuple, Tensor] = {}
+    finite: dict[tuple, Tensor] = {}
+
+    def holds(pair: tuple[Tensor, Tensor | None]) -> Tensor:
+        z, other = pair
+        if _key(z) not in zero:
+            zero[_key(z)] = dropped(z).count_nonzero() == 0  # exact: a NaN or a subnormal is not zero
+        if other is None:
+            return zero[_key(z)]
+        if _key(other) not in finite:  # a sum overflows to inf rather than hide one: never a false "finite"
+            finite[_key(other)] = torch.isfinite(dropped(other).sum(dtype=torch.float32))
+        return zero[_key(z)] & finite[_key(other)]
+
+    items = []  # (parameter, the pairs to try)
     for pid, cs in contribs.items():
-        # (B, T, ·) factors only: not biases, norm scales or pooled heads
+        # (B, T, ·) factors of this batch only: not biases, norm scales or pooled heads
         if all(isinstance(c, OuterSum) and c.batch == lay.batch and c.length == lay.padded for c in cs):
-            items += [(pid, _order(c)) for c in cs]
+            items += [(pid, _pairs(c)) for c in cs]
     passed = [False] * len(items)
     todo = list(range(len(items)))
     for level in (0, 1):
         todo = [i for i in todo if level < len(items[i][1])]
         if not todo:
             break
-        found = torch.stack([is_zero(items[i][1][level]) for i in todo]).tolist()
-        for i, z in zip(todo, found):
-            passed[i] = z
-        todo = [i for i, z in zip(todo, found) if not z]
+        found = torch.stack([holds(items[i][1][level]) for i in todo]).tolist()
+        for i, ok in zip(todo, found):
+            passed[i] = ok
+        todo = [i for i, ok in zip(todo, found) if not ok]
     return {pid for pid, _ in items} - {pid for (pid, _), ok in zip(items, passed) if not ok}
 
 
@@ -144,9 +163,20 @@ def by_runs(cs: list[Contribution], lay: Layout) -> list[tuple[slice, list[Contr
     return [(slice(b0, b1), [c.narrow(b0, b1, keep) for c in cs]) for b0, b1, keep in lay.runs]
 
 
-def packed(c: OuterSum, lay: Layout) -> OuterSum:
-    """A checked contribution's kept rows, one row per entry (N, 1, ·): its weighted sum, given each
-    row's example weight, is the clipped sum without the dropped rows (one product over N rows)."""
-    def rows(t: Tensor | None) -> Tensor | None:
-        return None if t is None else t.reshape(-1, *t.shape[2:]).index_select(0, lay.kept).unsqueeze(1)
-    return OuterSum(v=rows(c.v), rows=c.rows, u=rows(c.u), u_idx=rows(c.u_idx), grad_side=c.grad_side)
+PACK_BYTES = 1 << 26  # the kept rows of a contribution are copied this many bytes at a time for its sum
+
+
+def packed(c: OuterSum, lay: Layout) -> Iterator[tuple[Tensor, OuterSum]]:
+    """A checked contribution's kept rows, in chunks of at most :data:`PACK_BYTES` (at least 256 rows):
+    (the example of each row, the rows as a contribution of one-row "examples", (n, 1, ·)). The sum of the
+    chunks' weighted sums, each row weighted by its example's factor, is the clipped sum without the
+    dropped rows: one product per chunk over the rows that count."""
+    width = sum(t.shape[-1] * t.element_size() for t in (c.u, c.v) if t is not None) + 8
+    step = max(256, PACK_BYTES // width)
+    for a in range(0, lay.kept.numel(), step):
+        idx = lay.kept[a:a + step]
+
+        def rows(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.reshape(-1, *t.shape[2:]).index_select(0, idx).unsqueeze(1)
+        yield lay.examples[a:a + step], OuterSum(v=rows(c.v), rows=c.rows, u=rows(c.u), u_idx=rows(c.u_idx),
+                                                 grad_side=c.grad_side)
