@@ -75,11 +75,11 @@ def test_imports_are_acyclic(top_level_only):
     assert not cycles, cycles[:3]
 
 
-DP_CORE = ("engine", "layers", "contributions", "sampling", "noise", "accounting", "rng")
+DP_CORE = ("engine", "layers", "contributions", "padding", "sampling", "noise", "accounting", "rng")
 
 
 def test_the_dp_core_depends_on_nothing_above_it():
-    """The engine, its layers and contributions, the sampler, the noise step, the accountant and the random
+    """The engine, its layers, contributions and padding, the sampler, the noise step, the accountant and the random
     streams import no other part of the package (not the training loop, objectives, models or reports)."""
     graph = _import_graph(top_level_only=False)
     core = {f"privtune.dp.{m}" for m in DP_CORE}
