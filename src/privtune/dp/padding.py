@@ -119,26 +119,23 @@ def checked(contribs: dict[int, list[Contribution]], lay: Layout) -> set[int]:
     not), so each example's gradient is the sum over its kept rows, as without the hint. The output
     gradients are tried first, then, where that failed, the other factors: at most two host
     synchronisations per physical batch."""
-    rows: dict[tuple, Tensor] = {}
+    ranges: dict[tuple, tuple[Tensor, Tensor]] = {}
 
-    def dropped(t: Tensor) -> Tensor:
+    def extremes(t: Tensor) -> tuple[Tensor, Tensor]:
+        """The least and greatest value in the factor's dropped rows (NaN if one is NaN), read once."""
         key = _key(t)
-        if key not in rows:
-            rows[key] = t.reshape(-1, t.shape[-1]).index_select(0, lay.dropped)
-        return rows[key]
-
-    zero: dict[tuple, Tensor] = {}
-    finite: dict[tuple, Tensor] = {}
+        if key not in ranges:
+            ranges[key] = torch.aminmax(t.reshape(-1, t.shape[-1]).index_select(0, lay.dropped))
+        return ranges[key]
 
     def holds(pair: tuple[Tensor, Tensor | None]) -> Tensor:
         z, other = pair
-        if _key(z) not in zero:
-            zero[_key(z)] = dropped(z).count_nonzero() == 0  # exact: a NaN or a subnormal is not zero
-        if other is None:
-            return zero[_key(z)]
-        if _key(other) not in finite:  # a sum overflows to inf rather than hide one: never a false "finite"
-            finite[_key(other)] = torch.isfinite(dropped(other).sum(dtype=torch.float32))
-        return zero[_key(z)] & finite[_key(other)]
+        lo, hi = extremes(z)
+        ok = (lo == 0) & (hi == 0)  # exact: a NaN or a subnormal is not zero
+        if other is not None:
+            lo, hi = extremes(other)
+            ok = ok & torch.isfinite(lo) & torch.isfinite(hi)
+        return ok
 
     items = []  # (parameter, the pairs to try)
     for pid, cs in contribs.items():
