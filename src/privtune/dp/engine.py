@@ -302,7 +302,8 @@ class GhostClipEngine:
         # a trimmed parameter's norms are taken run by run, each run to its longest example
         pieces = {pid: padding.by_runs(cs, lay) if pid in trimmed else [(slice(None), cs)]
                   for pid, cs in contribs.items()}
-        parts, grams = [], Grams([c for ps in pieces.values() for _, cs in ps for c in cs])  # contribs keep the factors alive
+        # the contribs keep the factors alive for as long as the Grams live
+        parts, grams = [], Grams([c for ps in pieces.values() for _, cs in ps for c in cs])
         for p in self.params:
             for rows, cs in pieces.get(id(p), ()):
                 n2, how, flags = unsettled_squared_norms(cs, self.norm_strategy, grams)
@@ -425,8 +426,8 @@ class GhostClipEngine:
         floor = 1e-5 * torch.sqrt(sum(w.double().pow(2).sum() for w in ref))
         for p, want in zip(self.params, ref):
             cs = contribs.get(id(p), [])
-            got = (sum(c.weighted_sum(ones[rows]) for rows, c in self._summands(cs, lay, id(p) in trimmed)).view(p.shape)
-                   if cs else torch.zeros_like(p))
+            summands = self._summands(cs, lay, id(p) in trimmed)
+            got = sum(c.weighted_sum(ones[rows]) for rows, c in summands).view(p.shape) if cs else torch.zeros_like(p)
             err = (got.to(want.dtype) - want).norm()
             if err > rtol * want.norm() + floor:
                 raise UnsupportedLayerError(
