@@ -285,6 +285,13 @@ class GhostClipEngine:
         return lay, (padding.checked(contribs, lay) if lay is not None else set())
 
     @staticmethod
+    def _pieces(cs: list[Contribution], lay: padding.Layout | None, trimmed: bool
+                ) -> list[tuple[slice, list[Contribution]]]:
+        """(examples, their contributions) whose squared norms make the parameter's: a trimmed parameter's
+        runs, each to its longest example, else the whole batch."""
+        return padding.by_runs(cs, lay) if trimmed else [(slice(None), cs)]
+
+    @staticmethod
     def _summands(cs: list[Contribution], lay: padding.Layout | None, trimmed: bool
                   ) -> Iterator[tuple[slice | Tensor, Contribution]]:
         """(the examples of its rows, a contribution) whose weighted sums make the parameter's clipped sum:
@@ -299,9 +306,7 @@ class GhostClipEngine:
                lay: padding.Layout | None = None, trimmed: set[int] = frozenset()) -> Tensor:
         sq = torch.zeros(batch, dtype=torch.float64 if self._float64() else torch.float32, device=device)
         self.last_strategies = {}
-        # a trimmed parameter's norms are taken run by run, each run to its longest example
-        pieces = {pid: padding.by_runs(cs, lay) if pid in trimmed else [(slice(None), cs)]
-                  for pid, cs in contribs.items()}
+        pieces = {pid: self._pieces(cs, lay, pid in trimmed) for pid, cs in contribs.items()}
         # the contribs keep the factors alive for as long as the Grams live
         parts, grams = [], Grams([c for ps in pieces.values() for _, cs in ps for c in cs])
         for p in self.params:
@@ -384,7 +389,7 @@ class GhostClipEngine:
         for p in self.params:
             if cs := contribs.get(id(p)):
                 sq = torch.zeros(losses.shape[0], dtype=torch.float64, device=losses.device)
-                for rows, piece in (padding.by_runs(cs, lay) if id(p) in trimmed else [(slice(None), cs)]):
+                for rows, piece in self._pieces(cs, lay, id(p) in trimmed):
                     sq[rows] += squared_norms(piece, self.norm_strategy)[0].double()
                 mine[id(p)] = sq
         for b in picks:
