@@ -170,10 +170,16 @@ def _spread(values: np.ndarray) -> tuple[float, float]:
 
 
 def compare(a: list[RunPredictions], b: list[RunPredictions], metric: str, replicates: int | None = None,
-            seed: int = SEED) -> Comparison:
-    """Group ``a`` (one entry per seed) against group ``b`` on the same evaluation set."""
+            seed: int = SEED, paired_seeds: bool = False) -> Comparison:
+    """Group ``a`` (one entry per seed) against group ``b`` on the same evaluation set.
+
+    ``paired_seeds``: ``a[i]`` and ``b[i]`` share their training randomness (the same seed's data order,
+    sampling and noise under two settings, say two precisions), so each replicate draws the seeds once,
+    for both groups, and what a seed does to both cancels as the examples' shared difficulty does."""
     if not a or not b:
         raise ValueError("compare needs at least one run in each group")
+    if paired_seeds and len(a) != len(b):
+        raise ValueError(f"paired seeds need as many runs in each group: {len(a)} against {len(b)}")
     n = a[0].n
     if any(r.n != n for r in [*a, *b]):
         raise ValueError(f"the runs compared were evaluated on different numbers of examples: "
@@ -183,11 +189,13 @@ def compare(a: list[RunPredictions], b: list[RunPredictions], metric: str, repli
     idx = rng.integers(0, n, size=(reps, n))
     full = np.arange(n)[None, :]
 
+    shared = rng.integers(0, len(a), size=(reps, len(a))) if paired_seeds and len(a) > 1 else None
+
     def group(runs):
         per_run = np.stack([score(r, metric, idx) for r in runs])  # (seeds, R)
         point = np.array([score(r, metric, full)[0] for r in runs])
-        if len(runs) > 1:  # seeds with replacement, independently per replicate
-            pick = rng.integers(0, len(runs), size=(reps, len(runs)))
+        if len(runs) > 1:  # seeds with replacement: per replicate, independently per group unless paired
+            pick = shared if shared is not None else rng.integers(0, len(runs), size=(reps, len(runs)))
             boot = np.take_along_axis(per_run.T, pick, axis=1).mean(1)
         else:
             boot = per_run[0]
