@@ -294,3 +294,39 @@ def test_train_command_line(tmp_path, tiny_models, sst_file):
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout.strip().splitlines()[-1])["epsilon"] == math.inf
     assert (tmp_path / "run/privacy.json").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_single_non_finite_gradient_entry_is_found(dtype, bad):
+    from privtune.training.loop import _all_finite
+
+    params = [torch.nn.Parameter(torch.zeros(n, dtype=dtype)) for n in (5, 0, 100_003, 3)]
+    for p, n in zip(params, (5, 0, 100_003, 3)):
+        p.grad = torch.randn(n).to(dtype)
+    params[3].grad = None  # a parameter that got no gradient is not read
+    assert _all_finite(params)
+    for where in (0, 77_777, 100_002):
+        g = params[2].grad.clone()
+        g[where] = bad
+        params[2].grad, kept = g, params[2].grad
+        assert not _all_finite(params)
+        params[2].grad = kept
+    params[0].grad[4] = bad
+    assert not _all_finite(params)
+    assert _all_finite([]) and _all_finite(params[1:2])  # nothing to read: nothing non-finite
+
+
+def test_the_progress_bar_asks_the_accountant_at_most_epsilon_shown_times(tmp_path, tiny_models, sst_file,
+                                                                          monkeypatch):
+    from privtune.dp.plan import PrivacyPlan
+    from privtune.training import loop
+
+    asked = []
+    real = PrivacyPlan.epsilon_after
+    monkeypatch.setattr(PrivacyPlan, "epsilon_after", lambda self, k, *a: asked.append(k) or real(self, k, *a))
+    monkeypatch.setattr(loop, "EPSILON_SHOWN", 2)
+    run(_dp(steps=5, checkpoint_every=0), tiny_models / "bert", sst_file, tmp_path / "quiet", progress=False)
+    assert asked == []  # no bar, no accountant call
+    run(_dp(steps=5, checkpoint_every=0), tiny_models / "bert", sst_file, tmp_path / "bar", progress=True)
+    assert asked == [2, 4, 5]  # every steps // 2 steps, and the last

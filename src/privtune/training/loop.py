@@ -54,6 +54,10 @@ from privtune.training.optim import build_optimizer
 from privtune.training.outputs import DIAGNOSTICS, write_outputs, zero_shot  # noqa: F401 (re-exported)
 from privtune.training.settings import NONFINITE_POLICIES, RunSettings  # noqa: F401 (re-exported)
 
+# the progress bar shows ε spent at most this often per run: each is an accountant call (0.06 s on one
+# thread), which at every step of a small-batch run cost as much as a tenth of the step
+EPSILON_SHOWN = 50
+
 
 class NonFiniteError(FloatingPointError):
     """A non-finite loss or gradient under ``on_nonfinite: stop``; names the step."""
@@ -86,8 +90,19 @@ def _lr_lambda(s: RunSettings, steps: int):
 
 
 def _all_finite(params) -> bool:
-    grads = [p.grad for p in params if p.grad is not None]
-    return bool(torch.stack([g.isfinite().all() for g in grads]).all()) if grads else True
+    """Every gradient entry finite. Each gradient is read once, for its smallest and largest entry (a NaN
+    is both; +inf the largest, -inf the smallest), with no tensor of its size made, and the host waits
+    once: a fifth to a tenth of the time of ``isfinite`` on each gradient, which made a 22.7M-parameter
+    model's check 0.12 s a step on one thread."""
+    ends = []
+    for p in params:
+        g = p.grad
+        if g is None:
+            continue
+        g = g.coalesce().values() if g.is_sparse else g
+        if g.numel():
+            ends.append(torch.stack(torch.aminmax(g)).float().to(params[0].device))
+    return bool(torch.isfinite(torch.cat(ends)).all()) if ends else True
 
 
 @dataclass
@@ -280,8 +295,9 @@ def record_step(job: Job, state: RunState, step: int, idx, loss: float, skip: bo
     if private and s.diagnostics:
         state.diagnostics.append({"step": step, "loss": loss, "batch": int(len(idx))})
     if private:  # ε spent so far: a function of the settings alone, no data in it
-        bar.set_postfix(eps=f"{job.plan.epsilon_after(step + 1, s.accountant):.3g}",
-                        **({"loss": f"{loss:.4f}"} if s.diagnostics else {}))
+        if not bar.disable and ((step + 1) % max(1, job.plan.steps // EPSILON_SHOWN) == 0 or step + 1 == job.plan.steps):
+            bar.set_postfix(eps=f"{job.plan.epsilon_after(step + 1, s.accountant):.3g}",
+                            **({"loss": f"{loss:.4f}"} if s.diagnostics else {}))
     else:
         bar.set_postfix(loss=f"{loss:.4f}")
     state.step = step + 1
