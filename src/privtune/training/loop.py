@@ -295,7 +295,8 @@ def record_step(job: Job, state: RunState, step: int, idx, loss: float, skip: bo
     if private and s.diagnostics:
         state.diagnostics.append({"step": step, "loss": loss, "batch": int(len(idx))})
     if private:  # ε spent so far: a function of the settings alone, no data in it
-        if not bar.disable and ((step + 1) % max(1, job.plan.steps // EPSILON_SHOWN) == 0 or step + 1 == job.plan.steps):
+        every = max(1, job.plan.steps // EPSILON_SHOWN)
+        if not bar.disable and ((step + 1) % every == 0 or step + 1 == job.plan.steps):
             bar.set_postfix(eps=f"{job.plan.epsilon_after(step + 1, s.accountant):.3g}",
                             **({"loss": f"{loss:.4f}"} if s.diagnostics else {}))
     else:
