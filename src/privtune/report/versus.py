@@ -163,7 +163,7 @@ def markdown(pairs: list[Pair], only: tuple[list[str], list[str]], claims: tuple
             lines.append(f"| {k} | {x} | {y} | {same} |")
     for label, cells in zip(labels, only):
         if cells:
-            lines += ["", f"Only in {label} (not compared): " + ", ".join(cells)]
+            lines += ["", f"Only in {label} (not compared): " + "; ".join(cells)]
     if refused:
         lines += ["", "Not comparable:", *(f"- {r}" for r in refused)]
     missing = [m for p in pairs for m in p.missing]
@@ -181,8 +181,9 @@ def versus(root_a: Path, root_b: Path, labels: tuple[str, str] = ("A", "B"), rep
     pairs, only_a, only_b, refused = [], [], [], []
     for cell in sorted(set(a) | set(b)):
         sa, sb = a.get(cell, {}), b.get(cell, {})
-        only_a += [f"{cell}/seed~{s}" for s in sorted(set(sa) - set(sb))]
-        only_b += [f"{cell}/seed~{s}" for s in sorted(set(sb) - set(sa))]
+        for only, seeds in ((only_a, set(sa) - set(sb)), (only_b, set(sb) - set(sa))):
+            if seeds:
+                only.append(f"{cell} (seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, sorted(seeds)))})")
         if set(sa) & set(sb):
             try:
                 pairs.append(pair(cell, sa, sb, replicates))
