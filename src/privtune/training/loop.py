@@ -93,16 +93,17 @@ def _all_finite(params) -> bool:
     """Every gradient entry finite. Each gradient is read once, for its smallest and largest entry (a NaN
     is both; +inf the largest, -inf the smallest), with no tensor of its size made, and the host waits
     once: a fifth to a tenth of the time of ``isfinite`` on each gradient, which made a 22.7M-parameter
-    model's check 0.12 s a step on one thread."""
-    ends = []
+    model's check 0.12 s a step on one thread. The ends are tested in the gradient's own dtype (a finite
+    float64 entry beyond float32's range is finite)."""
+    ok = []
     for p in params:
         g = p.grad
         if g is None:
             continue
         g = g.coalesce().values() if g.is_sparse else g
         if g.numel():
-            ends.append(torch.stack(torch.aminmax(g)).float().to(params[0].device))
-    return bool(torch.isfinite(torch.cat(ends)).all()) if ends else True
+            ok.append(torch.isfinite(torch.stack(torch.aminmax(g))).all().to(params[0].device))
+    return bool(torch.stack(ok).all()) if ok else True
 
 
 @dataclass
