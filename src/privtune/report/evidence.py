@@ -150,6 +150,8 @@ class Comparison:
     replicates: int = 0
     examples: int = 0
     notes: list[str] = field(default_factory=list)
+    points_a: tuple[float, ...] = ()  # each of a's runs on all the examples, in the order given
+    points_b: tuple[float, ...] = ()
 
     def above(self, threshold: float) -> bool:
         """The whole interval lies above ``threshold``."""
@@ -205,4 +207,5 @@ def compare(a: list[RunPredictions], b: list[RunPredictions], metric: str, repli
     pb, bb = group(b)
     low, high = _bounds(ba - bb)
     return Comparison(float(pa.mean() - pb.mean()), low, high, float(pa.mean()), float(pb.mean()),
-                      (len(a), len(b)), _spread(pa), _spread(pb), reps, n)
+                      (len(a), len(b)), _spread(pa), _spread(pb), reps, n,
+                      points_a=tuple(map(float, pa)), points_b=tuple(map(float, pb)))

@@ -24,8 +24,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from privtune.io import read_json, write_atomic
 from privtune.report import evidence
 from privtune.tasks import TASKS
@@ -101,9 +99,7 @@ def pair(cell: str, a: dict[int, Path], b: dict[int, Path], replicates: int | No
                              f"({a[s]} and {b[s]}); a paired comparison needs the same evaluation set")
     metric = TASKS[pa[0].task].main_metric
     comparison = evidence.compare(pb, pa, metric, replicates=replicates, paired_seeds=True)
-    full = np.arange(pa[0].n)[None, :]
-    per_seed = [float(evidence.score(y, metric, full)[0] - evidence.score(x, metric, full)[0])
-                for x, y in zip(pa, pb)]
+    per_seed = [y - x for x, y in zip(comparison.points_b, comparison.points_a)]  # compare's a is tree B
     ta = [_trained(a[s]) for s in seeds]
     tb = [_trained(b[s]) for s in seeds]
     missing = [str(root[s] / "train_metrics.json") for s, x, y in zip(seeds, ta, tb)
