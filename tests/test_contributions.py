@@ -99,3 +99,73 @@ def test_the_threshold_is_what_the_guard_uses(monkeypatch):
     err_off = ((off.clamp_min(0).sqrt().double() - truth).abs() / truth).max()
     err_on = ((on.sqrt().double() - truth).abs() / truth).max()
     assert err_on < 1e-3 < err_off
+
+
+@pytest.fixture
+def medium_matmul_precision():
+    """The process asks for fast float32 products (oneDNN's bf16 mode on a CPU, TF32 on a GPU), as a user may."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    yield
+    torch.set_float32_matmul_precision(before)
+
+
+def _exact_square(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return torch.einsum("btr,btc->brc", u.double(), v.double()).pow(2).sum((1, 2))
+
+
+@pytest.mark.parametrize("strategy", ["ghost", "instantiate"])
+def test_float32_norms_and_sums_ignore_a_reduced_global_matmul_precision(strategy, medium_matmul_precision):
+    """With ``torch.set_float32_matmul_precision("medium")`` this CPU's float32 products round their inputs to
+    bf16 (relative error near 1e-3, checked first so the test cannot pass vacuously); the engine's norms and
+    clipped sums stay float32-exact, and the process' setting is left as it was."""
+    g = torch.Generator().manual_seed(0)
+    u, v = torch.randn(3, 32, 96, generator=g), torch.randn(3, 32, 384, generator=g)
+    lossy = torch.bmm(v, v.transpose(1, 2)).double()
+    assert float(((lossy - torch.bmm(v.double(), v.double().transpose(1, 2))).abs().max() / lossy.abs().max())) > 1e-4
+    c = OuterSum(u=u, v=v, rows=96)
+    got, how = squared_norms([c], strategy)
+    assert how == strategy
+    torch.testing.assert_close(got.double(), _exact_square(u, v), rtol=1e-5, atol=0)
+    w = torch.tensor([0.5, -1.0, 2.0])
+    want_sum = torch.einsum("b,btr,btc->rc", w.double(), u.double(), v.double())
+    torch.testing.assert_close(c.weighted_sum(w).double(), want_sum, rtol=1e-5, atol=1e-5)
+    assert torch.get_float32_matmul_precision() == "medium"
+    assert torch.backends.mkldnn.matmul.fp32_precision == "bf16"
+
+
+@pytest.mark.parametrize("length", [8, contributions.BF16_PRODUCT_MIN_ROWS, 48])
+def test_bf16_factors_give_float32_exact_norms_on_either_product_path(length):
+    """bf16 factors: their Grams are float32 products (rows below BF16_PRODUCT_MIN_ROWS) or bf16 products
+    with float32 accumulation (from it on), both exact for bf16 inputs: the norm agrees with float64 from
+    the same bf16 values to float32's rounding, far inside bf16's 2⁻⁸."""
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    g = torch.Generator().manual_seed(1)
+    u = torch.randn(4, length, 64, generator=g).bfloat16()
+    v = torch.randn(4, length, 384, generator=g).bfloat16()
+    got, _ = squared_norms([OuterSum(u=u, v=v, rows=64)], "ghost")
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), _exact_square(u, v), rtol=2e-6, atol=0)
+    assert torch.backends.mkldnn.matmul.fp32_precision == before  # restored
+
+
+def test_product_precision_is_set_inside_and_restored_after_an_error():
+    """exact_products: full float32 (ieee) for both backends; within it, bf16 factors with rows enough switch to
+    bf16 / TF32 products, and a float16 factor, short rows or a float32 factor do not; every setting comes back
+    as it was, after an error too."""
+    settings = lambda: (torch.backends.mkldnn.matmul.fp32_precision, torch.backends.cuda.matmul.fp32_precision)  # noqa: E731
+    before = settings()
+    rows = contributions.BF16_PRODUCT_MIN_ROWS
+    bf16 = torch.zeros(1, rows, 2, dtype=torch.bfloat16)
+    cases = [((bf16,), ("bf16", "tf32")), ((bf16, bf16), ("bf16", "tf32")), ((bf16.half(),), ("ieee", "ieee")),
+             ((bf16[:, :rows - 1],), ("ieee", "ieee")), ((bf16, bf16.float()), ("ieee", "ieee"))]
+    for factors, inside in cases:
+        with pytest.raises(RuntimeError, match="inside"):
+            with contributions.exact_products():
+                outer = settings()
+                with contributions._bf16_products(*factors):
+                    seen = settings()
+                    raise RuntimeError("inside")
+        assert outer == ("ieee", "ieee")
+        assert seen == inside, factors
+        assert settings() == before

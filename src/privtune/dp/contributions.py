@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator
+import contextlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +48,53 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Norms and sums are accumulated in at least float32 (bf16/fp16 activations)."""
     return torch.promote_types(dtype, torch.float32)
+
+
+# The shortest rows (a factor's T) whose Gram runs as a bf16 product on a CPU: below it oneDNN's float32
+# kernel is the faster one (measured on this project's CPU: T = 4 to 12 up to 1.8x slower in bf16, T >= 16
+# 1.3x to 2.4x faster, widths 384 to 50,257).
+BF16_PRODUCT_MIN_ROWS = 16
+
+
+def _bf16_exact(factors: tuple[Tensor, ...]) -> bool:
+    return (all(f.dtype == torch.bfloat16 for f in factors)
+            and (factors[0].device.type != "cpu" or factors[0].shape[-2] >= BF16_PRODUCT_MIN_ROWS))
+
+
+_CPU, _CUDA = torch.backends.mkldnn.matmul, torch.backends.cuda.matmul
+
+
+@contextmanager
+def _precision(cpu: str, cuda: str) -> Iterator[None]:
+    saved = _CPU.fp32_precision, _CUDA.fp32_precision
+    if saved == (cpu, cuda):
+        yield
+        return
+    _CPU.fp32_precision, _CUDA.fp32_precision = cpu, cuda
+    try:
+        yield
+    finally:
+        _CPU.fp32_precision, _CUDA.fp32_precision = saved
+
+
+def exact_products() -> contextlib.AbstractContextManager:
+    """Float32 matrix products at full float32 precision inside this block, whatever the process set
+    elsewhere: ``torch.set_float32_matmul_precision("high" | "medium")``, TF32 on a GPU and oneDNN's bf16
+    mode round float32 inputs to 10 or 8 significant bits, which moves a per-example norm by up to 1e-3 of
+    itself with no margin for it (the clipped contribution could exceed C). Every function here that forms
+    a product holds it; the engine holds it once around its norms and its clipped sum."""
+    return _precision("ieee", "ieee")
+
+
+def _bf16_products(*factors: Tensor) -> contextlib.AbstractContextManager:
+    """Inside :func:`exact_products`: the float32 products of ``factors`` widened from bf16 (as the caller holds
+    them, before widening) run as bf16 products with float32 accumulation (oneDNN's bf16 mode on a CPU, for rows
+    of at least :data:`BF16_PRODUCT_MIN_ROWS`; TF32 on a CUDA GPU), which is exact: each widened factor converts
+    back to bf16 (or TF32, whose 10 mantissa bits hold bf16's 7) without rounding, and the product of two such
+    numbers is exact in float32. The result is the float32 product's, summed in another order (a kernel may
+    flush subnormal inputs, below 2⁻¹²⁶, to zero). Any other factor (float16 has 10 mantissa bits) leaves the
+    block's full float32."""
+    return _precision("bf16", "tf32") if _bf16_exact(factors) else contextlib.nullcontext()
 
 
 @dataclass
@@ -120,7 +169,8 @@ class OuterSum:
         """(B, rows, cols) per-example gradients (in the factors' dtype: a bf16 product accumulates in
         float32 and is rounded once per entry, as the non-private backward's weight gradient is)."""
         if self.u is not None:
-            return torch.einsum("btr,btc->brc", self.u, self.v)
+            with exact_products():
+                return torch.einsum("btr,btc->brc", self.u, self.v)
         out = self.v.new_zeros(self.batch, self.rows, self.cols)
         return out.scatter_add_(1, self.u_idx.unsqueeze(-1).expand_as(self.v), self.v)
 
@@ -145,10 +195,11 @@ class OuterSum:
         v = v.reshape(-1, self.cols)
         if u is not None:
             u = u.reshape(-1, self.rows).transpose(0, 1)
-            if out is None:
-                return u @ v
-            # bf16 factors into a float32 sum: one bf16 product (float32 accumulation inside), then added
-            return out.addmm_(u, v) if out.dtype == v.dtype else out.add_(u @ v)
+            with exact_products():
+                if out is None:
+                    return u @ v
+                # bf16 factors into a float32 sum: one bf16 product (float32 accumulation inside), then added
+                return out.addmm_(u, v) if out.dtype == v.dtype else out.add_(u @ v)
         if out is None:
             out = v.new_zeros(self.rows, self.cols, dtype=_acc_dtype(v.dtype))
         return out.index_add_(0, self.u_idx.reshape(-1), v.to(out.dtype))
@@ -183,7 +234,8 @@ class Direct:
         if keep is not None:
             shape = (-1,) + (1,) * (grad.dim() - 1)
             grad = torch.where(keep.view(shape), grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
-        g = torch.einsum("b...,b->...", grad, weights.to(grad.dtype))
+        with exact_products():
+            g = torch.einsum("b...,b->...", grad, weights.to(grad.dtype))
         return g if out is None else out.add_(g)
 
 
@@ -193,7 +245,8 @@ Contribution = OuterSum | Direct
 def _row_kernel(p: OuterSum, q: OuterSum) -> Tensor:
     """(B, Tp, Tq) inner products of row factors ⟨u_t, u'_s⟩."""
     if p.u is not None and q.u is not None:
-        return torch.bmm(p.u, q.u.transpose(1, 2))
+        with exact_products():
+            return torch.bmm(p.u, q.u.transpose(1, 2))
     if p.u_idx is not None and q.u_idx is not None:
         return (p.u_idx.unsqueeze(2) == q.u_idx.unsqueeze(1)).to(p.v.dtype)
     if p.u_idx is not None:  # one-hot p against dense q: q.u[b, s, idx_t]
@@ -209,15 +262,18 @@ def _ghost_terms(p: OuterSum, q: OuterSum) -> Tensor:
     its 50,257-wide output gradient)."""
     acc = _acc_dtype(torch.promote_types(p.v.dtype, q.v.dtype))
     if p.u is not None and q.u is not None:
-        k_u = torch.bmm(p.u.to(acc), q.u.to(acc).transpose(1, 2))
+        with _bf16_products(p.u, q.u):
+            k_u = torch.bmm(p.u.to(acc), q.u.to(acc).transpose(1, 2))
     else:
         k_u = _row_kernel(p, q).to(acc)
-    return k_u * torch.bmm(p.v.to(acc), q.v.to(acc).transpose(1, 2))
+    with _bf16_products(p.v, q.v):
+        return k_u * torch.bmm(p.v.to(acc), q.v.to(acc).transpose(1, 2))
 
 
 def ghost_inner(p: OuterSum, q: OuterSum) -> Tensor:
     """Per-example ``⟨G_b, G'_b⟩`` from the factors alone: Σ_{t,s} ⟨u_t,u'_s⟩⟨v_t,v'_s⟩."""
-    return _ghost_terms(p, q).sum(dim=(1, 2))
+    with exact_products():
+        return _ghost_terms(p, q).sum(dim=(1, 2))
 
 
 # A ghost squared norm is a sum of T² terms of both signs: when the per-token gradients nearly cancel, the
@@ -272,7 +328,8 @@ class Grams:
 def _gram(t: Tensor) -> Tensor:
     """``t tᵀ`` per example, (B, T, T), in at least float32."""
     w = t.to(_acc_dtype(t.dtype))
-    return torch.bmm(w, w.transpose(1, 2))
+    with _bf16_products(t):
+        return torch.bmm(w, w.transpose(1, 2))
 
 
 def _ghost_sum(contribs: list[OuterSum], grams: Grams | None = None) -> tuple[Tensor, Tensor]:
@@ -325,7 +382,8 @@ def unsettled_squared_norms(contribs: list[Contribution], strategy: str = "auto"
         ghost = sum(c.ghost_cost() for c in contribs) * k
         inst = sum(c.instantiate_cost() for c in contribs)
         if strategy == "ghost" or ghost <= inst:
-            sq, magnitude = _ghost_sum(contribs, grams)
+            with exact_products():
+                sq, magnitude = _ghost_sum(contribs, grams)
             return sq, "ghost", cancelled(sq, magnitude)
     if grams is not None:
         grams.skip(contribs)

@@ -38,7 +38,8 @@ import torch
 from torch import Tensor, nn
 
 from privtune.dp import padding
-from privtune.dp.contributions import LOW_PRECISION, Contribution, Grams, settle, squared_norms, unsettled_squared_norms
+from privtune.dp.contributions import (LOW_PRECISION, Contribution, Grams, exact_products, settle, squared_norms,
+                                       unsettled_squared_norms)
 from privtune.dp.layers import (AUTOCAST_MATMUL, Handler, UnsupportedLayerError, embedding, find_handler,
                                 needs_probe, probe_affine_norm)
 
@@ -309,11 +310,12 @@ class GhostClipEngine:
         pieces = {pid: self._pieces(cs, lay, pid in trimmed) for pid, cs in contribs.items()}
         # the contribs keep the factors alive for as long as the Grams live
         parts, grams = [], Grams([c for ps in pieces.values() for _, cs in ps for c in cs])
-        for p in self.params:
-            for rows, cs in pieces.get(id(p), ()):
-                n2, how, flags = unsettled_squared_norms(cs, self.norm_strategy, grams)
-                parts.append((rows, cs, n2, flags))
-                self.last_strategies[self.param_names[id(p)]] = how  # a trimmed parameter's: its last run's
+        with exact_products():  # once here rather than once per parameter
+            for p in self.params:
+                for rows, cs in pieces.get(id(p), ()):
+                    n2, how, flags = unsettled_squared_norms(cs, self.norm_strategy, grams)
+                    parts.append((rows, cs, n2, flags))
+                    self.last_strategies[self.param_names[id(p)]] = how  # a trimmed parameter's: its last run's
         flagged = [f.any() for *_, f in parts if f is not None]
         if flagged and bool(torch.stack(flagged).any()):  # one host synchronisation per physical batch
             parts = [(rows, cs, settle(cs, n2, flags), None) for rows, cs, n2, flags in parts]
@@ -360,24 +362,32 @@ class GhostClipEngine:
             keep = torch.isfinite(norms)
         if self.mode == "ghost" and keep is None:
             del contribs  # the second pass needs only the factors
-            (losses * factors.detach().to(losses.dtype)).sum().backward()
+            with exact_products():  # its weight-gradient products are the clipped sum: full float32, as the norms
+                (losses * factors.detach().to(losses.dtype)).sum().backward()
         else:
-            for p in self.params:
-                cs = contribs.pop(id(p), None)  # freed as soon as used: book-keeping's memory peaks here
-                if not cs:
-                    continue
-                # Summed in place into p.grad when it is float32 or float64 (and the contributions'
-                # dtype); a bf16 gradient gets a float32 sum, cast once.
-                acc, acc_dtype = p.grad, torch.promote_types(cs[0].dtype, torch.float32)
-                if acc is None or acc.dtype != acc_dtype or not acc.is_contiguous():
-                    acc = torch.zeros(p.shape, dtype=acc_dtype, device=p.device)
-                for rows, c in self._summands(cs, lay, id(p) in trimmed):
-                    c.weighted_sum(factors[rows], out=acc.view(c.sum_shape), keep=None if keep is None else keep[rows])
-                if acc is not p.grad:
-                    acc = acc.to(p.dtype)
-                    p.grad = acc if p.grad is None else p.grad + acc
+            with exact_products():  # once here rather than once per summand
+                self._clipped_sum(contribs, factors, lay, trimmed, keep)
         self._records = []
         return norms
+
+    def _clipped_sum(self, contribs: dict[int, list[Contribution]], factors: Tensor, lay: padding.Layout | None,
+                     trimmed: set[int], keep: Tensor | None) -> None:
+        """Adds ``Σ_b factors_b G_b`` into each parameter's ``.grad`` (book-keeping), the contributions freed as
+        they are used: book-keeping's memory peaks here."""
+        for p in self.params:
+            cs = contribs.pop(id(p), None)
+            if not cs:
+                continue
+            # Summed in place into p.grad when it is float32 or float64 (and the contributions'
+            # dtype); a bf16 gradient gets a float32 sum, cast once.
+            acc, acc_dtype = p.grad, torch.promote_types(cs[0].dtype, torch.float32)
+            if acc is None or acc.dtype != acc_dtype or not acc.is_contiguous():
+                acc = torch.zeros(p.shape, dtype=acc_dtype, device=p.device)
+            for rows, c in self._summands(cs, lay, id(p) in trimmed):
+                c.weighted_sum(factors[rows], out=acc.view(c.sum_shape), keep=None if keep is None else keep[rows])
+            if acc is not p.grad:
+                acc = acc.to(p.dtype)
+                p.grad = acc if p.grad is None else p.grad + acc
 
     def _check_examples(self, contribs, losses: Tensor, rtol: float, examples: int,
                         lay: padding.Layout | None = None, trimmed: set[int] = frozenset()) -> None:
@@ -420,6 +430,10 @@ class GhostClipEngine:
         sequence-first input whose length equals the batch size, fails here, named). Call inside/after a
         ``capture()`` forward; it consumes the graph. Raises :class:`UnsupportedLayerError` on mismatch.
         """
+        with exact_products():  # both sides' products in full float32 (a TF32 reference is 1e-3 off)
+            self._verify(losses, rtol, examples)
+
+    def _verify(self, losses: Tensor, rtol: float, examples: int) -> None:
         contribs = self._contributions(losses, retain_graph=True)
         lay, trimmed = self._padding(contribs, losses.shape[0], losses.device)  # the path training takes
         self._check_examples(contribs, losses, rtol, examples, lay, trimmed)
