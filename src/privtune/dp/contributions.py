@@ -93,7 +93,8 @@ def _bf16_products(*factors: Tensor) -> contextlib.AbstractContextManager:
     back to bf16 (or TF32, whose 10 mantissa bits hold bf16's 7) without rounding, and the product of two such
     numbers is exact in float32. The result is the float32 product's, summed in another order (a kernel may
     flush subnormal inputs, below 2⁻¹²⁶, to zero). Any other factor (float16 has 10 mantissa bits) leaves the
-    block's full float32."""
+    block's full float32. Both settings are process-wide: a float32 product another thread runs meanwhile
+    would be rounded too (the engine runs none)."""
     return _precision("bf16", "tf32") if _bf16_exact(factors) else contextlib.nullcontext()
 
 
