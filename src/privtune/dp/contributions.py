@@ -19,10 +19,9 @@ head); their per-example gradients are summed *before* the norm, so cross terms
 """
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from collections.abc import Iterator
-import contextlib
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -51,8 +50,8 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # The shortest rows (a factor's T) whose Gram runs as a bf16 product on a CPU: below it oneDNN's float32
-# kernel is the faster one (measured on this project's CPU: T = 4 to 12 up to 1.8x slower in bf16, T >= 16
-# 1.3x to 2.4x faster, widths 384 to 50,257).
+# kernel is the faster one (measured on a 2-core CPU with AVX512-BF16 and AMX: T = 4 to 12 up to 1.8x slower
+# in bf16, T >= 16 1.3x to 2.4x faster, widths 384 to 50,257).
 BF16_PRODUCT_MIN_ROWS = 16
 
 
@@ -64,7 +63,7 @@ def _bf16_exact(factors: tuple[Tensor, ...]) -> bool:
 _CPU, _CUDA = torch.backends.mkldnn.matmul, torch.backends.cuda.matmul
 
 
-@contextmanager
+@contextlib.contextmanager
 def _precision(cpu: str, cuda: str) -> Iterator[None]:
     saved = _CPU.fp32_precision, _CUDA.fp32_precision
     if saved == (cpu, cuda):
