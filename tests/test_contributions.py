@@ -116,13 +116,15 @@ def _exact_square(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("strategy", ["ghost", "instantiate"])
 def test_float32_norms_and_sums_ignore_a_reduced_global_matmul_precision(strategy, medium_matmul_precision):
-    """With ``torch.set_float32_matmul_precision("medium")`` this CPU's float32 products round their inputs to
-    bf16 (relative error near 1e-3, checked first so the test cannot pass vacuously); the engine's norms and
-    clipped sums stay float32-exact, and the process' setting is left as it was."""
+    """With ``torch.set_float32_matmul_precision("medium")`` a CPU with bf16 arithmetic rounds the inputs of
+    float32 products to bf16 (relative error near 1e-3, checked first: where the CPU does not, the test would
+    be vacuous and is skipped); the engine's norms and clipped sums stay float32-exact, and the process'
+    setting is left as it was."""
     g = torch.Generator().manual_seed(0)
     u, v = torch.randn(3, 32, 96, generator=g), torch.randn(3, 32, 384, generator=g)
     lossy = torch.bmm(v, v.transpose(1, 2)).double()
-    assert float(((lossy - torch.bmm(v.double(), v.double().transpose(1, 2))).abs().max() / lossy.abs().max())) > 1e-4
+    if float(((lossy - torch.bmm(v.double(), v.double().transpose(1, 2))).abs().max() / lossy.abs().max())) < 1e-4:
+        pytest.skip("this CPU's float32 products stay exact under 'medium': nothing for the engine to undo")
     c = OuterSum(u=u, v=v, rows=96)
     got, how = squared_norms([c], strategy)
     assert how == strategy
