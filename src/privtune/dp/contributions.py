@@ -80,8 +80,9 @@ def exact_products() -> contextlib.AbstractContextManager:
     """Float32 matrix products at full float32 precision inside this block, whatever the process set
     elsewhere: ``torch.set_float32_matmul_precision("high" | "medium")``, TF32 on a GPU and oneDNN's bf16
     mode round float32 inputs to 10 or 8 significant bits, which moves a per-example norm by up to 1e-3 of
-    itself with no margin for it (the clipped contribution could exceed C). Every function here that forms
-    a product holds it; the engine holds it once around its norms and its clipped sum."""
+    itself with no margin for it (the clipped contribution could exceed C). Every public function here that
+    forms a product holds it (the Gram helpers run inside them); the engine holds it once around its norms
+    and its clipped sum."""
     return _precision("ieee", "ieee")
 
 
