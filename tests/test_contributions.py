@@ -151,6 +151,24 @@ def test_bf16_factors_give_float32_exact_norms_on_either_product_path(length):
     assert torch.backends.mkldnn.matmul.fp32_precision == before  # restored
 
 
+def test_a_wide_bf16_factor_is_widened_in_slices_with_the_same_norms(monkeypatch):
+    """A bf16 factor whose float32 copy exceeds WIDE_BYTES (a vocabulary-wide output gradient) has its Gram
+    summed over slices of its width, the last one shorter: the norm still agrees with float64 from the same
+    bf16 values to float32's rounding, on both product paths (short and long rows)."""
+    calls = []
+    monkeypatch.setattr(contributions, "WIDE_BYTES", 0)
+    monkeypatch.setattr(contributions, "SLICE_BYTES", 0)  # slices of the least width, 256
+    monkeypatch.setattr(torch.Tensor, "baddbmm_", lambda self, *a, _f=torch.Tensor.baddbmm_: calls.append(1) or _f(self, *a))
+    g = torch.Generator().manual_seed(2)
+    for length in (8, 32):
+        u = torch.randn(3, length, 700, generator=g).bfloat16()  # 256 + 256 + 188 columns
+        v = torch.randn(3, length, 96, generator=g).bfloat16()
+        calls.clear()
+        got, _ = squared_norms([OuterSum(u=u, v=v, rows=700)], "ghost")
+        assert len(calls) == 3 + 1  # u's three slices; v's 96 columns are one slice
+        torch.testing.assert_close(got.double(), _exact_square(u, v), rtol=2e-6, atol=0)
+
+
 def test_product_precision_is_set_inside_and_restored_after_an_error():
     """exact_products: full float32 (ieee) for both backends; within it, bf16 factors with rows enough switch to
     bf16 / TF32 products, and a float16 factor, short rows or a float32 factor do not; every setting comes back

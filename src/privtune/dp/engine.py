@@ -379,12 +379,18 @@ class GhostClipEngine:
             if not cs:
                 continue
             # Summed in place into p.grad when it is float32 or float64 (and the contributions'
-            # dtype); a bf16 gradient gets a float32 sum, cast once.
+            # dtype); else the first summand starts a sum of that dtype (no zeros to add it to: a bf16
+            # product is cast once, as the non-private backward casts its weight gradient), and a bf16
+            # gradient gets that float32 sum, cast once.
             acc, acc_dtype = p.grad, torch.promote_types(cs[0].dtype, torch.float32)
-            if acc is None or acc.dtype != acc_dtype or not acc.is_contiguous():
-                acc = torch.zeros(p.shape, dtype=acc_dtype, device=p.device)
+            if acc is not None and (acc.dtype != acc_dtype or not acc.is_contiguous()):
+                acc = None
             for rows, c in self._summands(cs, lay, id(p) in trimmed):
-                c.weighted_sum(factors[rows], out=acc.view(c.sum_shape), keep=None if keep is None else keep[rows])
+                kept = None if keep is None else keep[rows]
+                if acc is None:
+                    acc = c.weighted_sum(factors[rows], keep=kept).to(acc_dtype).contiguous().view(p.shape)
+                else:
+                    c.weighted_sum(factors[rows], out=acc.view(c.sum_shape), keep=kept)
             if acc is not p.grad:
                 acc = acc.to(p.dtype)
                 p.grad = acc if p.grad is None else p.grad + acc
