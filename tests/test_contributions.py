@@ -158,8 +158,9 @@ def test_a_wide_bf16_factor_is_widened_in_slices_with_the_same_norms(monkeypatch
     calls = []
     monkeypatch.setattr(contributions, "WIDE_BYTES", 0)
     monkeypatch.setattr(contributions, "SLICE_BYTES", 0)  # slices of the least width, 256
-    real = torch.Tensor.baddbmm_
-    monkeypatch.setattr(torch.Tensor, "baddbmm_", lambda self, *a: calls.append(1) or real(self, *a))
+    first, more = torch.bmm, torch.Tensor.baddbmm_  # a Gram's first slice, and each further one
+    monkeypatch.setattr(torch, "bmm", lambda *a: calls.append(1) or first(*a))
+    monkeypatch.setattr(torch.Tensor, "baddbmm_", lambda self, *a: calls.append(1) or more(self, *a))
     g = torch.Generator().manual_seed(2)
     for length in (8, 32):
         u = torch.randn(3, length, 700, generator=g).bfloat16()  # 256 + 256 + 188 columns

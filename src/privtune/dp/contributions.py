@@ -337,18 +337,16 @@ SLICE_BYTES = 1 << 22
 
 def _gram(t: Tensor) -> Tensor:
     """``t tᵀ`` per example, (B, T, T), in at least float32."""
-    acc = _acc_dtype(t.dtype)
+    acc, width = _acc_dtype(t.dtype), t.shape[-1]
     rows = t.shape[0] * t.shape[1]
-    if acc == t.dtype or t.device.type != "cpu" or rows * t.shape[-1] * acc.itemsize <= WIDE_BYTES:
-        w = t.to(acc)
-        with _bf16_products(t):
-            return torch.bmm(w, w.transpose(1, 2))
-    step = max(256, SLICE_BYTES // (rows * acc.itemsize))
-    out = torch.zeros(t.shape[0], t.shape[1], t.shape[1], dtype=acc, device=t.device)
+    step = max(width, 1)  # one slice: the whole factor
+    if acc != t.dtype and t.device.type == "cpu" and rows * width * acc.itemsize > WIDE_BYTES:
+        step = max(256, SLICE_BYTES // (rows * acc.itemsize))
+    out = None
     with _bf16_products(t):
-        for a in range(0, t.shape[-1], step):
+        for a in range(0, max(width, 1), step):
             w = t[..., a:a + step].to(acc)
-            out.baddbmm_(w, w.transpose(1, 2))
+            out = torch.bmm(w, w.transpose(1, 2)) if out is None else out.baddbmm_(w, w.transpose(1, 2))
     return out
 
 
