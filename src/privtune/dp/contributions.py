@@ -329,7 +329,7 @@ class Grams:
 # A bf16 factor is widened to float32 for its Gram. On a CPU, one whose float32 copy would exceed WIDE_BYTES
 # (GPT-2's tied head: 8 × 128 tokens × 50,257 = 206 MB) is widened a slice of its width at a time, each slice
 # of about SLICE_BYTES multiplied while it is in cache and summed into the Gram: measured on the benchmark's
-# 2-core CPU, that head's Gram takes 31-35 ms instead of 76 ms, of which the whole copy alone took 51 ms. Below
+# 2-core CPU, that head's Gram takes 31-63 ms instead of 72-76 ms, of which the whole copy alone took 51 ms. Below
 # it slicing measured slower (all-MiniLM's and GPT-2's layers, 0.5 to 24 MB). Not done on a GPU: not measured.
 WIDE_BYTES = 1 << 26
 SLICE_BYTES = 1 << 22
