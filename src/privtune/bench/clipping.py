@@ -234,6 +234,9 @@ def main(argv=None) -> None:
                                  precision, fit, a.deadline):
             print(json.dumps(rec), flush=True)
         return
+    out = Path(a.out)
+    if out.is_dir():  # checked before any measuring: the results are written only at the end
+        ap.error(f"--out {a.out} is a directory; give the JSON file to write, e.g. --out {out / 'clipping.json'}")
     t0 = time.time()
     load0 = list(os.getloadavg())  # a shared machine's other work lands in the separate-process ratios
     deadline = t0 + a.budget_s if a.budget_s else None
@@ -297,7 +300,6 @@ def main(argv=None) -> None:
                 got = measure_interleaved(specs[shape], ok, batch, a.seq, a.interleave, a.device, prec,
                                           profile="ours_bk" in ok)
                 _add_interleaved(mine, got, lambda: norm_strategies(specs[shape], batch, a.seq, a.device, prec))
-    out = Path(a.out)
     import torch
 
     write_json(out, {"device": a.device, "batch": batch, "seq": a.seq, "precisions": a.precision,
