@@ -171,11 +171,3 @@ def test_every_method_has_one_step_factory():
     with pytest.raises(ValueError, match="unknown method 'nope'"):
         steps.make_step("nope", None, 1)
 
-
-def test_an_out_path_that_is_a_directory_is_refused_before_measuring(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(bench, "run_isolated", lambda *a, **k: pytest.fail("measured before checking --out"))
-    with pytest.raises(SystemExit) as e:
-        bench.main(["--device", "cpu", "--shapes", "gpt2-2layer", "--out", str(tmp_path)])
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert f"--out {tmp_path} is a directory" in err and str(tmp_path / "clipping.json") in err

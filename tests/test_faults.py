@@ -333,3 +333,23 @@ def test_the_progress_bar_asks_the_accountant_at_most_epsilon_shown_times(tmp_pa
     assert asked == []  # no bar, no accountant call
     run(_dp(steps=5, checkpoint_every=0), tiny_models / "bert", sst_file, tmp_path / "bar", progress=True)
     assert asked == [2, 4, 5]  # every steps // 2 steps, and the last
+
+
+@pytest.mark.parametrize("module, args, example", [
+    ("privtune.bench.clipping", ["--device", "cpu", "--shapes", "gpt2-2layer"], "clipping.json"),
+    ("privtune.bench.batches", ["--model", "m", "--train", "t"], "physical_batches.json"),
+    ("privtune.dp.audit", ["results"], "audit.json"),
+    ("privtune.report.versus", ["a", "b"], "versus.md"),
+    ("privtune.selection", ["--task", "sst2", "--model", "m", "--val-size", "8", "--candidate", "{}"],
+     "selection.json"),
+])
+def test_an_output_file_that_is_a_folder_is_refused_before_any_work(tmp_path, capsys, module, args, example):
+    """Commands that write their file when their work is done read --out first: a folder there would make
+    the final rename fail and lose the work."""
+    import importlib
+
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(module).main([*args, "--out", str(tmp_path)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --out: {tmp_path} is a folder" in err and str(tmp_path / example) in err

@@ -41,6 +41,21 @@ def atomic_dir(path: str | Path):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def output_file(example: str):
+    """An argparse ``type`` for a file a command writes when its work is done: an existing folder is refused
+    when the arguments are read, not after the work (the rename into it would fail and lose the work).
+    ``example``: a file name the error suggests inside that folder."""
+    import argparse
+
+    def parse(value: str) -> Path:
+        path = Path(value)
+        if path.is_dir():
+            raise argparse.ArgumentTypeError(f"{value} is a folder; give the file to write, e.g. {path / example}")
+        return path
+
+    return parse
+
+
 def write_atomic(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)

@@ -30,7 +30,7 @@ import numpy as np
 
 from privtune import tasks
 from privtune.dp import guarantee
-from privtune.io import write_json, write_jsonl
+from privtune.io import output_file, write_json, write_jsonl
 
 SEED = 12345  # the carve's generator
 
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--val-size", type=int, required=True)
     ap.add_argument("--base", default="{}", help="settings every candidate shares (JSON)")
     ap.add_argument("--candidate", action="append", required=True, help="one candidate's settings (JSON)")
-    ap.add_argument("--out", type=Path)
+    ap.add_argument("--out", type=output_file("selection.json"))
     a = ap.parse_args(argv)
     import os
 

@@ -24,7 +24,7 @@ from privtune.dp.engine import GhostClipEngine
 from privtune.dp.noise import privatize_
 from privtune.training.optim import build_optimizer
 from privtune.dp.sampling import physical_batches
-from privtune.io import read_jsonl, write_json
+from privtune.io import output_file, read_jsonl, write_json
 from privtune.models.load import load_tokenizer
 from privtune.objectives import objective
 
@@ -87,7 +87,7 @@ def main(argv=None) -> None:
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int)
-    ap.add_argument("--out", type=Path, default=Path("results/benchmarks/physical_batches_cpu.json"))
+    ap.add_argument("--out", type=output_file("physical_batches.json"), default=Path("results/benchmarks/physical_batches_cpu.json"))
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)

@@ -62,7 +62,7 @@ from privtune.bench.measure import (error, measure_group, measure_interleaved, m
                                     overhead_profile, threads)
 from privtune.bench.steps import METHODS
 from privtune.bench.workload import CPU_SHAPES, GPU_SHAPES, arch
-from privtune.io import write_json
+from privtune.io import output_file, write_json
 
 PRECISIONS = ("fp32", "bf16")
 INTERLEAVED = ("nonprivate", "ours_bk", "ours_ghost")  # timed alternated in one process by --interleave
@@ -219,7 +219,7 @@ def main(argv=None) -> None:
     ap.add_argument("--group", action=argparse.BooleanOptionalAction, default=None,
                     help="all methods of a (shape, precision) in one process (default: on a GPU)")
     ap.add_argument("--budget-s", type=float, default=0, help="stop starting work after this many seconds (0: none)")
-    ap.add_argument("--out", default="results/benchmarks/bench.json")
+    ap.add_argument("--out", type=output_file("clipping.json"), default="results/benchmarks/bench.json")
     a = ap.parse_args(argv)
     precision = a.precision[0]
     fit = json.loads(a.fit_json) if a.fit_json else None
@@ -234,9 +234,6 @@ def main(argv=None) -> None:
                                  precision, fit, a.deadline):
             print(json.dumps(rec), flush=True)
         return
-    out = Path(a.out)
-    if out.is_dir():  # checked before any measuring: the results are written only at the end
-        ap.error(f"--out {a.out} is a directory; give the JSON file to write, e.g. --out {out / 'clipping.json'}")
     t0 = time.time()
     load0 = list(os.getloadavg())  # a shared machine's other work lands in the separate-process ratios
     deadline = t0 + a.budget_s if a.budget_s else None
@@ -300,6 +297,7 @@ def main(argv=None) -> None:
                 got = measure_interleaved(specs[shape], ok, batch, a.seq, a.interleave, a.device, prec,
                                           profile="ours_bk" in ok)
                 _add_interleaved(mine, got, lambda: norm_strategies(specs[shape], batch, a.seq, a.device, prec))
+    out = Path(a.out)
     import torch
 
     write_json(out, {"device": a.device, "batch": batch, "seq": a.seq, "precisions": a.precision,

@@ -24,7 +24,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from privtune.io import read_json, write_atomic
+from privtune.io import output_file, read_json, write_atomic
 from privtune.report import evidence
 from privtune.tasks import TASKS
 
@@ -196,7 +196,7 @@ def main(argv=None) -> int:
     ap.add_argument("b", type=Path, help="the tree compared against it")
     ap.add_argument("--labels", nargs=2, default=("A", "B"), metavar=("A", "B"))
     ap.add_argument("--replicates", type=int, default=None, help="bootstrap replicates (default: evidence's)")
-    ap.add_argument("--out", type=Path, help="write the markdown here (default: standard output)")
+    ap.add_argument("--out", type=output_file("versus.md"), help="write the markdown here (default: standard output)")
     args = ap.parse_args(argv)
     try:
         text = versus(args.a, args.b, tuple(args.labels), args.replicates)
