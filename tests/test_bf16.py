@@ -148,3 +148,56 @@ def test_autocast_input_changed_in_place_between_two_layers_is_read_again():
     norms = engine.backward(losses)
     engine.detach()
     torch.testing.assert_close(norms.double(), want, rtol=RTOL, atol=0)
+
+
+class _Flipped(torch.nn.Linear):
+    """A Linear whose product reads its input reversed along the sequence: not ``x``'s rows in order."""
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x.flip(1), self.weight, self.bias)
+
+
+def _layers():
+    from transformers.pytorch_utils import Conv1D
+
+    return {"linear": torch.nn.Linear(8, 4), "linear, no bias": torch.nn.Linear(8, 4, bias=False),
+            "conv1d": Conv1D(4, 8), "flipped": _Flipped(8, 4)}
+
+
+@pytest.mark.parametrize("name", ["linear", "linear, no bias", "conv1d", "flipped"])
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_autocast_inputs_kept_are_autograds_saved_copies(name, input_grad):
+    """Under autocast the engine keeps, of a matrix-product layer's float32 input, the bf16 copy that the
+    product read and autograd saved for its backward (the same memory: no second copy held to the clipped
+    sum), where the graph shows it is that input's elements in order; else (no graph to the input, or a
+    product that reads the input otherwise) a copy of its own. Either way the values are the input's, rounded."""
+    torch.manual_seed(0)
+    layer = _layers()[name]
+    leaf = torch.randn(B, T, 8, requires_grad=input_grad)
+    x = leaf * 1.0  # a non-leaf input, as every layer input in a model is
+    engine = GhostClipEngine(layer, clip_norm=1.0)
+    with engine.capture(batch_size=B), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    (record,) = engine._records
+    kept = record.input
+    torch.testing.assert_close(kept, x.detach().to(torch.bfloat16), rtol=0, atol=0)
+    saved = [t for t in _saved_tensors(out.grad_fn) if t.dtype == torch.bfloat16 and t.numel() == x.numel()
+             and t.shape[-1] == 8]
+    assert saved, "autograd saved the product's bf16 input"
+    shares = any(t.untyped_storage().data_ptr() == kept.untyped_storage().data_ptr() for t in saved)
+    assert shares == (input_grad and name != "flipped")
+    engine.backward(out.float().pow(2).sum((1, 2)))  # and the step runs on it
+    engine.detach()
+
+
+def _saved_tensors(node, depth: int = 4):
+    """The tensors autograd saved in ``node`` and the nodes up to ``depth`` below it."""
+    if node is None or depth == 0:
+        return []
+    found = []
+    for attr in dir(node):
+        if attr.startswith("_saved_"):
+            value = getattr(node, attr)
+            if isinstance(value, torch.Tensor):
+                found.append(value)
+    return found + [t for nxt, _ in node.next_functions for t in _saved_tensors(nxt, depth - 1)]

@@ -67,6 +67,45 @@ def _autocast_dtype(device: torch.device) -> torch.dtype | None:
     return torch.get_autocast_dtype(device.type)
 
 
+# Autograd nodes that change neither the values nor the row-major order of a tensor's elements: views and
+# reshapes, and the dtype conversion autocast inserts.
+_ORDER_KEEPING = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "ToCopyBackward0"})
+# A layer's matrix product as autograd records it: the node, the name of its saved left operand and that
+# operand's edge (F.linear and Conv1D's addmm on the flattened input; mm without a bias).
+_PRODUCTS = {"AddmmBackward0": ("_saved_mat1", 1), "MmBackward0": ("_saved_self", 0)}
+
+
+def _saved_operand(output: Tensor, x: Tensor, dtype: torch.dtype) -> Tensor | None:
+    """The ``dtype`` copy of ``x`` that the matrix product computing ``output`` read and that autograd saved for
+    its backward, shaped as ``x``; None unless the graph shows it is exactly that: ``output`` is (a view of) an
+    addmm/mm whose left operand comes from ``x`` through views and dtype conversions only (so its elements are
+    ``x``'s, rounded, in the same order), and is a contiguous ``dtype`` tensor of ``x``'s rows."""
+    node = output.grad_fn
+    if node is not None and type(node).__name__ in _ORDER_KEEPING:
+        node = node.next_functions[0][0]
+    product = _PRODUCTS.get(type(node).__name__) if node is not None else None
+    if product is None or x.grad_fn is None:
+        return None
+    attr, edge = product
+    step = node.next_functions[edge][0]
+    for _ in range(8):
+        if step is x.grad_fn:
+            break
+        if step is None or type(step).__name__ not in _ORDER_KEEPING:
+            return None
+        step = step.next_functions[0][0]
+    else:
+        return None
+    try:
+        operand = getattr(node, attr)
+    except RuntimeError:  # already freed (not in a forward hook)
+        return None
+    width = x.shape[-1] if x.dim() else 1
+    if operand.dtype != dtype or not operand.is_contiguous() or tuple(operand.shape) != (x.numel() // width, width):
+        return None
+    return operand.view(x.shape)
+
+
 class _Tap(torch.autograd.Function):
     """Identity on a layer's output whose backward hands the output gradient to the record.
 
@@ -192,7 +231,7 @@ class GhostClipEngine:
                     self._shared.add(name)
             out = output if new is None else new
             if handler in AUTOCAST_MATMUL and x.dtype != out.dtype and _autocast_dtype(out.device) == out.dtype:
-                x = self._rounded(x, out.dtype)  # the input the product used: autocast rounded it so
+                x = self._rounded(x, out.dtype, output)  # the input the product used: autocast rounded it so
             anchor = self._anchors.get(out.device)
             if anchor is None:  # one per device, so a model split over devices keeps every tap reachable
                 anchor = self._anchors[out.device] = torch.zeros((), device=out.device, requires_grad=True)
@@ -202,15 +241,19 @@ class GhostClipEngine:
 
         return hook
 
-    def _rounded(self, x: Tensor, dtype: torch.dtype) -> Tensor:
+    def _rounded(self, x: Tensor, dtype: torch.dtype, output: Tensor) -> Tensor:
         """``x`` in ``dtype``, one copy per tensor: layers that read one input (BERT's query, key and value)
         share it, and the norms' Gram products of it are then formed once (the tensor is checked by a weak
         reference and its version counter, so neither a freed input's reused memory nor an input changed in place
-        after an earlier layer read it is taken for it)."""
+        after an earlier layer read it is taken for it). The copy is the one autocast made for the layer's
+        product and autograd keeps for its backward, where the graph shows it (:func:`_saved_operand`), so
+        the engine holds no second copy of it; else one of its own."""
         hit = self._casts.get(id(x))
         if hit is not None and hit[0]() is x and hit[1] == x._version and hit[2].dtype == dtype:
             return hit[2]
-        cast = x.detach().to(dtype)  # and a copy of an input changed in place since is made again
+        cast = _saved_operand(output, x, dtype)
+        if cast is None:
+            cast = x.detach().to(dtype)  # and a copy of an input changed in place since is made again
         self._casts[id(x)] = (weakref.ref(x), x._version, cast)
         return cast
 
