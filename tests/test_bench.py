@@ -135,8 +135,36 @@ def test_ratios_are_per_precision_and_the_targets_read_them():
     assert recs[2]["time_ratio"] == pytest.approx(1.05) and recs[3]["memory_ratio"] == pytest.approx(1.2)
     t = bench.targets(recs, ["s"])["ours_bk"]
     assert t["s/fp32"] == {"time_ratio": 1.2, "time_ratio_kind": "interleaved", "time_met": False,
-                           "memory_ratio": pytest.approx(1.04), "memory_met": True}
+                           "memory_ratio": pytest.approx(1.04), "memory_ratio_kind": "resident set",
+                           "memory_met": True}
     assert t["s/bf16"]["time_met"] is True and t["s/bf16"]["memory_met"] is False
+
+
+def test_the_targets_read_the_tensor_peak_where_it_was_measured():
+    """A CPU's live-tensor peak (one number per shape) decides the memory target over its resident set."""
+    def rec(method, rss, tensors):
+        return {"shape": "s", "batch": 2, "seq": 8, "method": method, "precision": "fp32", "status": "ok",
+                "time_s": 1.0, "peak_mb": rss, "tensor_peak_mb": tensors, "device": "cpu"}
+
+    recs = bench.with_ratios([rec("nonprivate", 100, 200), rec("ours_bk", 110, 204)])
+    assert recs[1]["memory_ratio"] == pytest.approx(1.1) and recs[1]["tensor_memory_ratio"] == pytest.approx(1.02)
+    t = bench.targets(recs, ["s"])["ours_bk"]["s/fp32"]
+    assert t["memory_ratio_kind"] == "tensors" and t["memory_ratio"] == pytest.approx(1.02) and t["memory_met"]
+
+
+def test_the_tensor_peak_counts_what_is_held_and_what_a_step_allocates():
+    import torch
+
+    held = torch.zeros(2**20)  # 4 MB alive when the step starts
+
+    def step(parts):
+        for n in parts:
+            torch.ones(n).sum()  # freed at once: the peak is the largest, not the sum
+
+    base = measure.tensor_peak_mb(lambda parts: None, [])
+    assert measure.tensor_peak_mb(step, [2**20, 3 * 2**20]) - base == pytest.approx(12, abs=0.5)
+    del held
+    assert base - measure.tensor_peak_mb(lambda parts: None, []) == pytest.approx(4, abs=0.5)
 
 
 def test_the_overhead_profile_accounts_for_the_extra_time():

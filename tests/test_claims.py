@@ -169,6 +169,9 @@ def test_e_memory_from_the_benchmark():
     bench["records"][0]["memory_ratio"] = 2.0
     assert Tables().add().verdicts(bench)["e"].verdict == FAILS
     assert Tables().add().verdicts(None)["e"].verdict == UNTESTABLE
+    bench["records"][0]["tensor_memory_ratio"] = 1.01  # a CPU's live tensors decide over its resident set
+    e = Tables().add().verdicts(bench)["e"]
+    assert e.verdict == HOLDS and "1.01× non-private (tensors; resident set 2.00×)" in e.numbers[0]
 
 
 @pytest.mark.parametrize("lora,verdict", [(75.0, HOLDS), (90.0, FAILS)])

@@ -58,6 +58,32 @@ def _reset_cpu_peak() -> bool:
         return False
 
 
+def tensor_peak_mb(step, parts) -> float:
+    """Peak memory of live tensors over one more step on a CPU, in MB: the tensors alive when it starts (the
+    model, the optimizer's state, the batch; found by the garbage collector, each storage once) plus the
+    largest total the step's own allocations reach (the profiler's allocation events, frees negative).
+    Unlike the resident-set peak it depends neither on what the allocator kept from earlier work nor on the
+    machine's other processes: one shape, method and precision give one number, in a shared process too."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    gc.collect()
+    held = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and obj.device.type == "cpu" and obj.layout == torch.strided:
+            storage = obj.untyped_storage()
+            held[storage.data_ptr()] = storage.nbytes()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step(parts)
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    total = peak = 0
+    for _, nbytes in events:
+        total += nbytes
+        peak = max(peak, total)
+    return (sum(held.values()) + peak) / 2**20
+
+
 def measure_one(shape: dict, method: str, batch: int, seq: int, steps: int, device: str,
                 precision: str = "fp32", fit: dict | None = None, shared_process: bool = False) -> dict:
     """Run in the current process; returns time per step and peak memory (and, with ``fit``
@@ -65,7 +91,7 @@ def measure_one(shape: dict, method: str, batch: int, seq: int, steps: int, devi
 
     ``shared_process``: other methods ran in this process before. A GPU's peak is still this
     method's; a CPU's resident-set peak is not (freed memory stays with the process), so it is
-    left out there."""
+    left out there; a CPU's tensor peak (:func:`tensor_peak_mb`, one more step) is measured either way."""
     import torch
 
     set_threads()
@@ -92,6 +118,11 @@ def measure_one(shape: dict, method: str, batch: int, seq: int, steps: int, devi
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base_rss
     out = {"status": "ok", "time_s": times[len(times) // 2], "peak_mb": peak, "parameters": n_params,
            "threads": torch.get_num_threads(), **info}
+    if dev.type == "cpu":
+        try:
+            out["tensor_peak_mb"] = tensor_peak_mb(step, parts)
+        except Exception as e:  # a diagnostic (the profiler's interface is PyTorch's to change): recorded
+            out["tensor_peak_error"] = error(e)
     if fit is not None and workload.arch(shape) != "bert":
         del parts
         out.update(_largest_batch(step, model, batch, seq, dev, fit["limit"], fit.get("deadline"), first))
