@@ -87,7 +87,8 @@ def main(argv=None) -> None:
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int)
-    ap.add_argument("--out", type=output_file("physical_batches.json"), default=Path("results/benchmarks/physical_batches_cpu.json"))
+    ap.add_argument("--out", type=output_file("physical_batches.json"),
+                    default=Path("results/benchmarks/physical_batches_cpu.json"))
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)

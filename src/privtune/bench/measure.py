@@ -70,9 +70,12 @@ def tensor_peak_mb(step, parts) -> float:
     gc.collect()
     held = {}
     for obj in gc.get_objects():
-        if isinstance(obj, torch.Tensor) and obj.device.type == "cpu" and obj.layout == torch.strided:
-            storage = obj.untyped_storage()
-            held[storage.data_ptr()] = storage.nbytes()
+        try:
+            if isinstance(obj, torch.Tensor) and obj.device.type == "cpu" and obj.layout == torch.strided:
+                storage = obj.untyped_storage()
+                held[storage.data_ptr()] = storage.nbytes()
+        except (RuntimeError, NotImplementedError):  # a tensor without storage of its own (a wrapper subclass)
+            continue
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step(parts)
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()

@@ -208,7 +208,8 @@ def audit_tree(root: Path) -> dict[str, dict]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m privtune.dp.audit", description=__doc__.split("\n\n")[0])
     ap.add_argument("paths", nargs="+", type=Path, help="privacy.json files, or folders searched for them")
-    ap.add_argument("--out", type=output_file("audit.json"), help="write the audit as JSON here (only if every report passes)")
+    ap.add_argument("--out", type=output_file("audit.json"),
+                    help="write the audit as JSON here (only if every report passes)")
     a = ap.parse_args(argv)
     results = {}
     for p in a.paths:
