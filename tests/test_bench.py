@@ -198,4 +198,3 @@ def test_every_method_has_one_step_factory():
     assert steps.METHODS == tuple(steps.STEPS) and set(bench.INTERLEAVED) <= set(steps.STEPS)
     with pytest.raises(ValueError, match="unknown method 'nope'"):
         steps.make_step("nope", None, 1)
-
