@@ -201,3 +201,20 @@ def _saved_tensors(node, depth: int = 4):
             if isinstance(value, torch.Tensor):
                 found.append(value)
     return found + [t for nxt, _ in node.next_functions for t in _saved_tensors(nxt, depth - 1)]
+
+
+def test_under_saved_tensor_hooks_the_engine_keeps_its_own_copy_and_reads_nothing_saved():
+    """Activation checkpointing and offloading pack what autograd saves: reading a saved tensor in the forward
+    would run their unpacking (a recomputation), so there the engine rounds the input itself."""
+    torch.manual_seed(0)
+    layer, x = torch.nn.Linear(8, 4), torch.randn(B, T, 8, requires_grad=True) * 1.0
+    unpacked = []
+    engine = GhostClipEngine(layer, clip_norm=1.0)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: unpacked.append(t) or t), \
+            engine.capture(batch_size=B), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert unpacked == []
+    (record,) = engine._records
+    torch.testing.assert_close(record.input, x.detach().to(torch.bfloat16), rtol=0, atol=0)
+    engine.backward(out.float().pow(2).sum((1, 2)))
+    engine.detach()

@@ -79,7 +79,10 @@ def _saved_operand(output: Tensor, x: Tensor, dtype: torch.dtype) -> Tensor | No
     """The ``dtype`` copy of ``x`` that the matrix product computing ``output`` read and that autograd saved for
     its backward, shaped as ``x``; None unless the graph shows it is exactly that: ``output`` is (a view of) an
     addmm/mm whose left operand comes from ``x`` through views and dtype conversions only (so its elements are
-    ``x``'s, rounded, in the same order), and is a contiguous ``dtype`` tensor of ``x``'s rows."""
+    ``x``'s, rounded, in the same order), and is a contiguous ``dtype`` tensor of ``x``'s rows. None too under
+    saved-tensor hooks (activation checkpointing, offloading): reading a saved tensor there would run them."""
+    if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
+        return None
     node = output.grad_fn
     if node is not None and type(node).__name__ in _ORDER_KEEPING:
         node = node.next_functions[0][0]
