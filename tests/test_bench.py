@@ -135,9 +135,30 @@ def test_ratios_are_per_precision_and_the_targets_read_them():
     assert recs[2]["time_ratio"] == pytest.approx(1.05) and recs[3]["memory_ratio"] == pytest.approx(1.2)
     t = bench.targets(recs, ["s"])["ours_bk"]
     assert t["s/fp32"] == {"time_ratio": 1.2, "time_ratio_kind": "interleaved", "time_met": False,
+                           "time_range": None, "time_range_coverage": None, "time_verdict": None,
                            "memory_ratio": pytest.approx(1.04), "memory_ratio_kind": "resident set",
                            "memory_met": True}
     assert t["s/bf16"]["time_met"] is True and t["s/bf16"]["memory_met"] is False
+
+
+@pytest.mark.parametrize("rounds, verdict, interval, coverage", [
+    ([1.01, 1.17, 1.08], "inconclusive", [1.01, 1.17], 0.75),  # a median under the target, a round above it
+    ([1.00, 1.05, 1.09, 0.97, 1.10], "met", [0.97, 1.10], 1 - 2 / 32),
+    ([1.11, 1.30, 1.20], "not met", [1.11, 1.30], 0.75),
+    # 9 rounds: the 2nd smallest to the 2nd largest holds the median with probability 1 - 2 (1 + 9) / 2^9,
+    # so one outlying round on each side does not decide
+    ([1.25, 1.00, 1.01, 1.02, 1.03, 1.04, 1.05, 1.06, 0.90], "met", [1.00, 1.06], 1 - 20 / 512),
+    ([1.00, 1.02], None, None, None),  # two rounds: a range that holds the median half the time, no verdict
+])
+def test_the_time_verdict_reads_the_spread_of_the_rounds(rounds, verdict, interval, coverage):
+    recs = bench.with_ratios([
+        {"shape": "s", "batch": 2, "seq": 8, "method": m, "precision": "bf16", "status": "ok", "time_s": 1.0,
+         "peak_mb": 100, "time_ratio_interleaved": sorted(rs)[len(rs) // 2], "round_ratios": rs}
+        for m, rs in (("nonprivate", [1.0] * len(rounds)), ("ours_bk", rounds))])
+    t = bench.targets(recs, ["s"])["ours_bk"]["s/bf16"]
+    assert t["time_verdict"] == verdict and t["time_range"] == interval
+    assert t["time_range_coverage"] == (None if coverage is None else pytest.approx(coverage))
+    assert t["time_met"] is (sorted(rounds)[len(rounds) // 2] <= bench.TIME_TARGET)
 
 
 def test_the_targets_read_the_tensor_peak_where_it_was_measured():

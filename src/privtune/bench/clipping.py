@@ -52,6 +52,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -168,9 +169,35 @@ def memory_ratio(r: dict) -> tuple[float | None, str]:
     return r.get("memory_ratio"), "allocated" if str(r.get("device", "")).startswith("cuda") else "resident set"
 
 
+def median_interval(xs: list[float], coverage: float = 0.95) -> tuple[float, float, float]:
+    """A distribution-free interval for the median of what ``xs`` (independent draws) are drawn from: the
+    k-th smallest to the k-th largest, k the largest whose coverage 1 − 2·P(Binomial(n, ½) < k) is at least
+    ``coverage``; below 6 draws none reaches 0.95 and the range from the smallest to the largest is taken
+    (coverage 1 − 2^(1−n): 0.75 for 3, 0.94 for 5). Returns (low, high, its coverage)."""
+    n, xs = len(xs), sorted(xs)
+
+    def cover(k: int) -> float:
+        return 1 - 2 * sum(math.comb(n, i) for i in range(k)) / 2 ** n
+
+    k = max([k for k in range(1, (n + 1) // 2 + 1) if cover(k) >= coverage] or [1])
+    return xs[k - 1], xs[n - k], cover(k)
+
+
+def time_verdict(rounds: list[float], target: float = TIME_TARGET) -> dict:
+    """The spread of the alternated rounds' ratios and a verdict that respects it (:func:`median_interval`):
+    ``met`` when the interval for the median ratio is at or below ``target``, ``not met`` when it is all
+    above, ``inconclusive`` otherwise. Fewer than 3 rounds give no verdict."""
+    if len(rounds) < 3:
+        return {"time_range": None, "time_range_coverage": None, "time_verdict": None}
+    lo, hi, cover = median_interval(rounds)
+    verdict = "met" if hi <= target else "not met" if lo > target else "inconclusive"
+    return {"time_range": [lo, hi], "time_range_coverage": cover, "time_verdict": verdict}
+
+
 def targets(records: list[dict], shapes: list[str]) -> dict:
     """Book-keeping against issue 18's targets (time ≤ 1.10×, memory ≤ 1.05× non-private) per shape:
-    the interleaved time ratio where measured, else the separate-process one."""
+    the interleaved time ratio where measured, else the separate-process one; ``time_met`` reads the
+    median, ``time_verdict`` the spread of the rounds (:func:`time_verdict`)."""
     out = {}
     for shape in shapes:
         for r in records:
@@ -179,7 +206,8 @@ def targets(records: list[dict], shapes: list[str]) -> dict:
                 m, kind = memory_ratio(r)
                 out[f"{shape}/{r.get('precision', 'fp32')}"] = {
                     "time_ratio": t, "time_ratio_kind": "interleaved" if "time_ratio_interleaved" in r else "separate",
-                    "time_met": t <= TIME_TARGET, "memory_ratio": m, "memory_ratio_kind": kind,
+                    "time_met": t <= TIME_TARGET, **time_verdict(r.get("round_ratios") or []),
+                    "memory_ratio": m, "memory_ratio_kind": kind,
                     "memory_met": None if m is None else m <= MEMORY_TARGET}
     return {"time_target": TIME_TARGET, "memory_target": MEMORY_TARGET, "ours_bk": out}
 
@@ -328,8 +356,13 @@ def main(argv=None) -> None:
             mem = f"{r['memory_ratio']:.2f}x" if r.get("memory_ratio") else "n/a"
             if r.get("tensor_memory_ratio"):
                 mem += f" (live tensors {r['tensor_memory_ratio']:.2f}x)"
-            inter = (f"  (alternated in one process: {r['time_ratio_interleaved']:.2f}x, median of "
-                     f"{len(r['round_ratios'])})") if "time_ratio_interleaved" in r else ""
+            rounds = r.get("round_ratios") or []
+            spread = ""
+            if len(rounds) >= 3:
+                lo, hi, cover = median_interval(rounds)
+                spread = f", {cover:.0%} interval {lo:.2f}-{hi:.2f}"
+            inter = (f"  (alternated in one process: {r['time_ratio_interleaved']:.2f}x, median of {len(rounds)}"
+                     f"{spread})") if "time_ratio_interleaved" in r else ""
             print(f"  {r['shape']:12s} {r.get('precision', 'fp32'):5s} {r['method']:20s} time {r['time_ratio']:.2f}x"
                   f"  memory {mem}{inter}")
         elif r["status"] != "ok":
