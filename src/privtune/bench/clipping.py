@@ -357,10 +357,9 @@ def main(argv=None) -> None:
             if r.get("tensor_memory_ratio"):
                 mem += f" (live tensors {r['tensor_memory_ratio']:.2f}x)"
             rounds = r.get("round_ratios") or []
-            spread = ""
-            if len(rounds) >= 3:
-                lo, hi, cover = median_interval(rounds)
-                spread = f", {cover:.0%} interval {lo:.2f}-{hi:.2f}"
+            v = time_verdict(rounds)
+            spread = (f", {v['time_range_coverage']:.0%} interval {v['time_range'][0]:.2f}-{v['time_range'][1]:.2f}"
+                      if v["time_range"] else "")
             inter = (f"  (alternated in one process: {r['time_ratio_interleaved']:.2f}x, median of {len(rounds)}"
                      f"{spread})") if "time_ratio_interleaved" in r else ""
             print(f"  {r['shape']:12s} {r.get('precision', 'fp32'):5s} {r['method']:20s} time {r['time_ratio']:.2f}x"
