@@ -211,6 +211,33 @@ def test_interleaved_profile_and_norm_strategies(tiny_shape):
     assert "transformer.h.0.attn.c_attn.weight" in ns["per_parameter"]
     held = ns["held_until_the_clipped_sum"]  # what book-keeping keeps until its clipped sum: both kinds
     assert held["layer_inputs_mb"] > 0 and held["output_gradients_and_other_mb"] > 0
+    # the tied head alone: 2 x 8 tokens x 32 x 50,257 multiply-adds forward, twice that backward
+    flops = ns["matmul_gflop"]
+    assert flops["nonprivate_step"] >= 6 * 16 * 32 * 50257 / 1e9 and 0 < flops["norms"] < flops["nonprivate_step"]
+    assert flops["norms_share"] == pytest.approx(flops["norms"] / flops["nonprivate_step"])
+
+
+def test_matmul_flops_count_a_wide_gram_summed_in_slices(monkeypatch):
+    import torch
+
+    from privtune.dp import contributions
+
+    factor = torch.randn(2, 8, 300, dtype=torch.bfloat16)
+    whole = measure.matmul_flops(lambda: torch.bmm(factor, factor.transpose(1, 2)))
+    assert whole == 2 * 2 * 8 * 8 * 300
+    monkeypatch.setattr(contributions, "WIDE_BYTES", 1024)  # widened in slices: one bmm, then baddbmm_
+    with contributions.exact_products():
+        assert measure.matmul_flops(lambda: contributions._gram(factor)) == whole
+
+
+def test_the_profile_line_puts_the_largest_share_first_and_the_norms_flops_beside_them():
+    r = {"shape": "gpt2", "precision": "bf16", "method": "ours_bk",
+         "profile": {"fraction_of_nonprivate_step": {"noise": 0.073, "norms": 0.076, "backward": -0.01},
+                     "norm_strategies": {"matmul_gflop": {"norms_share": 0.051}}}}
+    line = bench.profile_line(r)
+    assert line.index("norms +7.6 (5.1 % of its matrix-product FLOPs)") < line.index("noise +7.3") \
+        < line.index("backward -1.0")
+    assert bench.profile_line({"shape": "gpt2", "method": "nonprivate"}) is None
 
 
 def test_every_method_has_one_step_factory():

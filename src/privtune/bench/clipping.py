@@ -212,6 +212,23 @@ def targets(records: list[dict], shapes: list[str]) -> dict:
     return {"time_target": TIME_TARGET, "memory_target": MEMORY_TARGET, "ours_bk": out}
 
 
+def profile_line(r: dict) -> str | None:
+    """Where book-keeping's extra time goes, one line: each phase's share of the non-private step, largest
+    first, and the norms' share of the step's matrix-product FLOPs beside their share of its time."""
+    frac = (r.get("profile") or {}).get("fraction_of_nonprivate_step")
+    if not frac:
+        return None
+    parts = []
+    for name, f in sorted(frac.items(), key=lambda kv: -kv[1]):
+        part = f"{name} {100 * f:+.1f}"
+        share = ((r["profile"].get("norm_strategies") or {}).get("matmul_gflop") or {}).get("norms_share")
+        if name == "norms" and share is not None:
+            part += f" ({100 * share:.1f} % of its matrix-product FLOPs)"
+        parts.append(part)
+    return (f"  {r['shape']:12s} {r.get('precision', 'fp32'):5s} {r['method']:20s} extra time, % of the "
+            f"non-private step: " + ", ".join(parts))
+
+
 def _add_interleaved(records: list[dict], got: dict, strategies) -> None:
     """Put :func:`measure_interleaved`'s results into one (shape, precision)'s records: the ratios, and
     for book-keeping its overhead profile with ``strategies()`` (:func:`norm_strategies`) in it."""
@@ -367,6 +384,9 @@ def main(argv=None) -> None:
         elif r["status"] != "ok":
             print(f"  {r['shape']:12s} {r.get('precision', 'fp32'):5s} {r['method']:20s} {r['status']}: "
                   f"{r.get('error', '')[:120]}")
+    for r in records:
+        if line := profile_line(r):
+            print(line)
 
 
 def _cuda() -> bool:

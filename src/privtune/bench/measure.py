@@ -6,6 +6,7 @@ import gc
 import os
 import resource
 import time
+from functools import partial
 
 from privtune.bench.steps import CLIP, Phases, autocast
 from privtune.bench.steps import ready as ready_step
@@ -270,12 +271,34 @@ def overhead_profile(np_profile: dict, bk_profile: dict, np_time: float, bk_time
             "phases_s": {"nonprivate": np_profile, "ours_bk": bk_profile}}
 
 
+def _baddbmm_flops(self_shape, a_shape, b_shape, out_shape=None, **kwargs) -> int:
+    """The in-place ``baddbmm_`` (a wide Gram summed slice by slice) as PyTorch counts ``baddbmm``."""
+    b, m, k = a_shape
+    return 2 * b * m * b_shape[-1] * k
+
+
+def matmul_flops(fn) -> int:
+    """The floating-point operations of the matrix products ``fn()`` runs, as PyTorch's ``FlopCounterMode``
+    counts them (2 per multiply-add; elementwise work is not counted), the in-place ``baddbmm_`` included."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.baddbmm_: _baddbmm_flops}) as fc:
+        fn()
+    return fc.get_total_flops()
+
+
 def norm_strategies(shape: dict, batch: int, seq: int, device: str, precision: str = "fp32",
                     max_elements: float = 6e7) -> dict:
     """The per-example norms of one step's contributions timed both ways, ghost (Gram products) and
     instantiation (per-example gradients), per parameter: what the engine's FLOP-based ``auto``
     choice costs against the measured-faster one. Instantiation is skipped where the per-example
-    gradients would exceed ``max_elements`` values (an embedding: B × vocabulary × width)."""
+    gradients would exceed ``max_elements`` values (an embedding: B × vocabulary × width).
+
+    ``matmul_gflop`` counts the matrix products (:func:`matmul_flops`) of a non-private forward and backward
+    and of the engine's norms as a step forms them (padded rows left out, shared Grams formed once): where
+    the norms' share of the time is about their share of these FLOPs, they run at the step's own rate, and
+    only fewer products would make them cheaper."""
     import torch
 
     from privtune.dp.contributions import squared_norms
@@ -286,8 +309,18 @@ def norm_strategies(shape: dict, batch: int, seq: int, device: str, precision: s
     model = workload.build_model(shape, untie=False, device=dev).train()
     torch.manual_seed(1)
     parts, _, _ = workload.inputs(shape, batch, seq, dev)
+
+    def nonprivate_backward():
+        for b in parts:
+            with autocast(precision, dev):
+                losses = workload.losses(workload.arch(shape), model, b)
+            losses.sum().backward()
+
+    step_flops = matmul_flops(nonprivate_backward)
+    model.zero_grad(set_to_none=True)
     engine = GhostClipEngine(model, CLIP)
     per_param: dict[str, dict] = {}
+    norm_flops = 0
 
     def timed_norms(cs, how):
         t = time.perf_counter()
@@ -302,10 +335,12 @@ def norm_strategies(shape: dict, batch: int, seq: int, device: str, precision: s
         return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in ts if t is not None}
 
     for b in parts:
-        with engine.capture(batch_size=b["input_ids"].shape[0]), autocast(precision, dev):
+        size = b["input_ids"].shape[0]
+        with engine.capture(batch_size=size, lengths=workload.lengths(b)), autocast(precision, dev):
             losses = workload.losses(workload.arch(shape), model, b)
         inputs = storages(r.input for r in engine._records)
         contribs = engine._contributions(losses, retain_graph=False)
+        norm_flops += matmul_flops(partial(engine._norms, contribs, size, dev, *engine._padding(contribs, size, dev)))
         # what book-keeping holds from the output-gradient pass until the clipped sum: the layer inputs
         # (non-private's backward frees them as it goes) and the output gradients (non-private frees each
         # once its layer's backward is done)
@@ -333,5 +368,8 @@ def norm_strategies(shape: dict, batch: int, seq: int, device: str, precision: s
     faster = sorted(n for n, r in per_param.items() if r["instantiate_s"] is not None
                     and (r["instantiate_s"] < r["ghost_s"]) != (r["auto"] == "instantiate"))
     return {"auto_s": auto, "measured_best_s": best, "ghost_only_s": sum(r["ghost_s"] for r in per_param.values()),
-            "auto_picks_the_slower_for": faster, "held_until_the_clipped_sum": held, "per_parameter": per_param}
+            "auto_picks_the_slower_for": faster, "held_until_the_clipped_sum": held,
+            "matmul_gflop": {"nonprivate_step": step_flops / 1e9, "norms": norm_flops / 1e9,
+                             "norms_share": norm_flops / step_flops if step_flops else None},
+            "per_parameter": per_param}
 
