@@ -240,6 +240,33 @@ def test_a_runs_noise_is_keyed_by_its_root_and_step_alone():
         rng.words(2**128)
 
 
+def test_gpu_noise_streams_are_numbered_in_the_order_the_parameters_meet_them():
+    """A CUDA generator's seed is the key's child for the n-th GPU a call meets, never for the GPU's
+    index: each data-parallel rank holds its replica on cuda:rank and must add the same noise."""
+    import inspect
+
+    from privtune.dp import noise, rng
+
+    key = rng.noise_key(7, 3)
+    assert noise.cuda_seed(key, 0) == noise.cuda_seed(rng.noise_key(7, 3), 0)
+    assert len({noise.cuda_seed(key, 0), noise.cuda_seed(key, 1), noise.cuda_seed(rng.noise_key(7, 4), 0)}) == 3
+    assert 0 <= noise.cuda_seed(key, 1) < 2**64
+    assert "device" not in inspect.signature(noise.cuda_seed).parameters
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_replicas_on_two_gpus_get_the_same_noise():
+    from privtune.dp import rng
+
+    grads = []
+    for device in ("cuda:0", "cuda:1"):
+        p = nn.Parameter(torch.zeros(10_000, device=device))
+        p.grad = torch.zeros_like(p)
+        privatize_([p], 1.0, 1.0, 1.0, key=rng.noise_key(7, 3))
+        grads.append(p.grad.cpu())
+    assert torch.equal(grads[0], grads[1]) and grads[0].std() > 0.5
+
+
 def test_the_poisson_sampler_takes_a_128_bit_root():
     from privtune.dp import rng, sampling
 

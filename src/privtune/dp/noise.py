@@ -38,7 +38,8 @@ collisions (2^-128 per pair).
 
 On a GPU: one draw per parameter from the caller's generator, or, given a key, from a CUDA
 generator per device seeded with 64 bits of the key's child for that device (CUDA's Philox takes a
-64-bit seed), which is fastest there.
+64-bit seed), which is fastest there. Devices are numbered in the order the parameters meet them
+(:func:`cuda_seed`), so every rank of a data-parallel run, each on its own GPU, draws the same noise.
 
 Why torch's sampler with a written generator state rather than NumPy's Philox or PCG64
 generators: measured on the 2-core machine for 124M float32 values in chunks of NOISE_CHUNK, one
@@ -165,6 +166,15 @@ def _call_key(generator: torch.Generator | None) -> np.random.SeedSequence:
     return np.random.SeedSequence([seed % 2**64, *(int(v) % 2**64 for v in draw)])
 
 
+def cuda_seed(key: np.random.SeedSequence, stream: int) -> int:
+    """The 64-bit seed of the generator of the ``stream``-th GPU a call meets (in the order of the
+    parameters), not of the GPU's index: each rank of a data-parallel run holds its replica on its
+    own ``cuda:rank`` and must add the same noise to the same all-reduced sum (one sample, as the
+    accountant assumes), while parameters on different GPUs of one process get independent streams."""
+    child = np.random.SeedSequence(key.entropy, spawn_key=(*key.spawn_key, CUDA_STREAM, stream))
+    return int(child.generate_state(1, np.uint64)[0])
+
+
 def standard_normal(numel: int, key: np.random.SeedSequence, index: int = 0) -> torch.Tensor:
     """``numel`` float32 N(0, 1) values on the CPU from the key's streams for parameter ``index``
     (the values :func:`privatize_` would add there, unscaled)."""
@@ -209,8 +219,7 @@ def privatize_(params, noise_multiplier: float, clip_norm: float, expected_batch
             gen = generator
             if key is not None:  # CUDA's Philox takes a 64-bit seed: the key's own child for each device
                 if dev not in cuda_gens:
-                    child = np.random.SeedSequence(key.entropy, spawn_key=(*key.spawn_key, CUDA_STREAM, dev.index or 0))
-                    cuda_gens[dev] = torch.Generator(device=dev).manual_seed(int(child.generate_state(1, np.uint64)[0]))
+                    cuda_gens[dev] = torch.Generator(device=dev).manual_seed(cuda_seed(key, len(cuda_gens)))
                 gen = cuda_gens[dev]
             z = torch.empty(flat.numel(), dtype=torch.float32, device=dev).normal_(generator=gen).mul_(std)
             sq[z.device] = sq.get(z.device, 0) + torch.dot(z, z).double()
