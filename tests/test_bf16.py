@@ -52,7 +52,7 @@ def test_bf16_norms_and_clipped_sum_match_float64(arch, mode, strategy):
     model = _model(arch)
     ids = torch.randint(3, VOCAB, (B, T), generator=torch.Generator().manual_seed(3))
     want_norms, want_sum = _reference(model, arch, ids, clip=0.5)
-    engine = GhostClipEngine(model, clip_norm=0.5, mode=mode, norm_strategy=strategy)
+    engine = GhostClipEngine(model, clip_norm=0.5, mode=mode, norm_strategy=strategy, allow_rounded_sum=True)
     engine.zero_grad()
     with engine.capture(batch_size=B):
         losses = _losses(model, arch, ids)
@@ -74,7 +74,7 @@ def test_no_bf16_clipped_contribution_exceeds_the_clipping_norm(strategy):
     clip = 1e-3
     for seed in range(4):
         ids = torch.randint(3, VOCAB, (1, T), generator=torch.Generator().manual_seed(seed))
-        engine = GhostClipEngine(model, clip_norm=clip, norm_strategy=strategy)
+        engine = GhostClipEngine(model, clip_norm=clip, norm_strategy=strategy, allow_rounded_sum=True)
         engine.zero_grad()
         with engine.capture(batch_size=1):
             losses = _losses(model, "gpt2", ids)
@@ -84,6 +84,51 @@ def test_no_bf16_clipped_contribution_exceeds_the_clipping_norm(strategy):
         assert float(norms[0]) > 100 * clip
         assert written <= clip, f"seed {seed}: a clipped contribution of norm {written:.6g} > C = {clip}"
         assert written >= 0.95 * clip  # clipped to C, less the margin, not to much less
+
+
+def test_bf16_parameters_are_refused_unless_their_rounded_sum_is_allowed():
+    """A bf16 parameter's gradient would be the clipped sum rounded to bf16 before the noise: refused, naming
+    the parameter and the way out, at construction and (a model cast since) at the backward."""
+    with pytest.raises(ValueError, match=r"'transformer\.wte\.weight' \(bfloat16\).*allow_rounded_sum=True"):
+        GhostClipEngine(_model("gpt2"), clip_norm=1.0)
+    model = _model("gpt2").float()
+    engine = GhostClipEngine(model, clip_norm=1.0)
+    model.to(torch.bfloat16)
+    ids = torch.randint(3, VOCAB, (B, T), generator=torch.Generator().manual_seed(3))
+    with engine.capture(batch_size=B):
+        losses = _losses(model, "gpt2", ids)
+    with pytest.raises(ValueError, match="rounded to that dtype before the noise"):
+        engine.backward(losses)
+    engine.detach()
+
+
+@pytest.mark.parametrize("mode", ["bk", "ghost"])
+def test_one_more_example_moves_the_autocast_clipped_sum_by_its_own_contribution(mode):
+    """Under autocast the factors are bf16 but the physical batch's clipped sum is formed and kept in float32:
+    adding an example to a batch of 255 copies of another, all clipped to C, moves the sum by that example's
+    own contribution. A sum with a bf16 result would be off by up to 2⁻⁹ of the whole sum (255 C here), far
+    more than C allows for; so would the two-pass mode's second backward, which low precision does not take."""
+    torch.manual_seed(5)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Tanh(), torch.nn.Linear(256, 64))
+    clip, n = 1e-3, 255
+    same, new = torch.randn(1, 8, 64), torch.randn(1, 8, 64)
+
+    def clipped_sum(x):
+        engine = GhostClipEngine(model, clip_norm=clip, mode=mode)
+        engine.zero_grad()
+        with engine.capture(batch_size=x.shape[0]), torch.autocast("cpu", dtype=torch.bfloat16):
+            losses = model(x).float().pow(2).mean((1, 2))
+        norms = engine.backward(losses)
+        engine.detach()
+        assert bool((norms > 10 * clip).all()) and all(p.grad.dtype == torch.float32 for p in engine.params)
+        return torch.cat([p.grad.double().flatten() for p in engine.params])
+
+    base = clipped_sum(same.expand(n, -1, -1).contiguous())
+    more = clipped_sum(torch.cat([same.expand(n, -1, -1), new]))
+    alone = clipped_sum(new)
+    assert float(base.norm()) > 0.9 * n * clip * (1 - 2**-6)  # aligned: the sum is about n C long
+    assert float(alone.norm()) <= clip
+    assert float((more - base - alone).norm()) < 0.01 * clip
 
 
 @pytest.mark.parametrize("arch", ["bert", "gpt2"])

@@ -197,10 +197,9 @@ class OuterSum:
         if u is not None:
             u = u.reshape(-1, self.rows).transpose(0, 1)
             with exact_products():
-                if out is None:
-                    return u @ v
-                # bf16 factors into a float32 sum: one bf16 product (float32 accumulation inside), then added
-                return out.addmm_(u, v) if out.dtype == v.dtype else out.add_(u @ v)
+                if v.dtype in LOW_PRECISION:
+                    return _widened_sum(u, v, out)
+                return u @ v if out is None else out.addmm_(u, v)
         if out is None:
             out = v.new_zeros(self.rows, self.cols, dtype=_acc_dtype(v.dtype))
         return out.index_add_(0, self.u_idx.reshape(-1), v.to(out.dtype))
@@ -333,6 +332,28 @@ class Grams:
 # it slicing measured slower (all-MiniLM's and GPT-2's layers, 0.5 to 24 MB). Not done on a GPU: not measured.
 WIDE_BYTES = 1 << 26
 SLICE_BYTES = 1 << 22
+
+
+def _widened_sum(u: Tensor, v: Tensor, out: Tensor | None) -> Tensor:
+    """``out + u @ v`` in float32 from low-precision factors (u: (rows, N), v: (N, cols)), each widened exactly
+    and multiplied as a bf16 product with float32 accumulation (:func:`_bf16_products`): the physical batch's
+    clipped sum. A product with a bf16 result would round that sum once per entry, an error of up to 2⁻⁹ of the
+    sum of all the batch's examples, not of one example's C, which no margin on the clip factors covers: a
+    neighbouring batch could then move the released sum by more than C. A factor whose float32 copy would
+    exceed WIDE_BYTES (GPT-2's tied head) is widened a slice of its rows at a time, as for a Gram."""
+    acc, rows = _acc_dtype(v.dtype), u.shape[0]
+    step = rows
+    if u.device.type == "cpu" and u.numel() * acc.itemsize > WIDE_BYTES:
+        step = max(256, SLICE_BYTES // (u.shape[1] * acc.itemsize))
+    with _bf16_products(u, v):
+        wide_v = v.to(acc)
+        if out is None and step >= rows:  # the first summand of a parameter: no zeros to add it to
+            return u.to(acc) @ wide_v
+        if out is None:
+            out = torch.zeros(rows, v.shape[1], dtype=acc, device=u.device)
+        for a in range(0, rows, step):
+            out[a:a + step].addmm_(u[a:a + step].to(acc), wide_v)
+    return out
 
 
 def _gram(t: Tensor) -> Tensor:

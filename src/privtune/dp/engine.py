@@ -138,7 +138,10 @@ class GhostClipEngine:
         mode: str = "bk",
         norm_strategy: str = "auto",
         eps: float = 1e-6,
+        allow_rounded_sum: bool = False,
     ) -> None:
+        """``allow_rounded_sum``: accept trainable parameters in bf16/fp16, whose gradient, the clipped sum,
+        is rounded to their dtype before the noise is added (:meth:`_check_dtypes`); refused by default."""
         if clip_norm <= 0:
             raise ValueError(f"clip_norm must be > 0, got {clip_norm}")
         if mode not in ("bk", "ghost"):
@@ -192,6 +195,8 @@ class GhostClipEngine:
                     self.param_names[id(p)] = f"{name}.{n}" if name else n
         if not self.params:
             raise ValueError("the model has no trainable parameters: nothing to train")
+        self.allow_rounded_sum = allow_rounded_sum
+        self._check_dtypes()
         self._records: list[_Record] = []
         # layers seen with an input shared by every example (positions computed once per batch): such a
         # layer stays shared when, at a later batch, its length happens to equal the number of examples
@@ -204,6 +209,23 @@ class GhostClipEngine:
         self._hooks = [m.register_forward_hook(self._make_hook(n, m, h), with_kwargs=True)
                        for n, (m, h) in self._layers.items()]
         self.last_strategies: dict[str, str] = {}
+
+    def _check_dtypes(self) -> None:
+        """A bf16/fp16 parameter's gradient is the clipped sum rounded to its dtype before the noise is added: an
+        error of up to 2⁻⁹ of the sum of the whole batch, which grows with the batch where the sensitivity is C,
+        so a neighbouring batch could move the released gradient by more than C. Refused unless allowed; float32
+        parameters under autocast (privtune's ``train.precision: bf16``) keep the sum in float32 until the noise."""
+        if self.allow_rounded_sum:
+            return
+        low = [f"'{self.param_names[id(p)]}' ({str(p.dtype).removeprefix('torch.')})"
+               for p in self.params if p.dtype in LOW_PRECISION]
+        if low:
+            raise ValueError(
+                f"trainable parameter{'s' if len(low) > 1 else ''} {', '.join(low[:3])}{' and others' if len(low) > 3 else ''}"
+                " would receive the clipped gradient sum rounded to that dtype before the noise is added, an error "
+                "that grows with the batch where the sensitivity is the clipping norm C. Keep trainable parameters in "
+                "float32 and run the forward pass under torch.autocast (train.precision: bf16 does), or pass "
+                "GhostClipEngine(..., allow_rounded_sum=True) to accept the rounding.")
 
     # -- hooks ------------------------------------------------------------
     def _make_hook(self, name: str, module: nn.Module, handler: Handler) -> Callable:
@@ -390,11 +412,13 @@ class GhostClipEngine:
             # an empty physical batch (Poisson sampling draws one now and then) adds nothing
             self._records, self._lengths = [], None
             return losses.detach().new_zeros(0)
+        self._check_dtypes()  # again: a model may have been cast since the engine was built
         contribs = self._contributions(losses, retain_graph=self.mode == "ghost")
         lay, trimmed = self._padding(contribs, losses.shape[0], losses.device)
         norms = self._norms(contribs, losses.shape[0], losses.device, lay, trimmed)
         factors = self.clip_factors(norms)
-        if any(c.dtype in LOW_PRECISION for cs in contribs.values() for c in cs):
+        low = any(c.dtype in LOW_PRECISION for cs in contribs.values() for c in cs)
+        if low:
             # bf16/fp16 factors: the clip factor is rounded to their dtype before it scales them (and an
             # instantiated norm is read from bf16-rounded per-example gradients); shrunk by LOW_PRECISION_MARGIN
             # so that neither rounding can lift an example's contribution above C
@@ -402,11 +426,14 @@ class GhostClipEngine:
         # An example with a non-finite norm has weight 0, but 0 · inf is NaN: its contributions are
         # selected away (torch.where), not multiplied. Checked once per physical batch; the usual
         # all-finite case pays nothing more. The two-pass mode's second backward would multiply too,
-        # so such a batch takes the book-keeping sums from the first pass instead.
+        # so such a batch takes the book-keeping sums from the first pass instead. So does a batch of bf16/fp16
+        # factors: the second backward's weight gradients would be products with bf16 results, the physical
+        # batch's clipped sum rounded once per entry (an error of up to 2⁻⁹ of the whole batch's sum, not of one
+        # example's C), where book-keeping's sum is formed and kept in float32 (contributions._widened_sum).
         keep = None
         if not bool(torch.isfinite(norms).all()):
             keep = torch.isfinite(norms)
-        if self.mode == "ghost" and keep is None:
+        if self.mode == "ghost" and keep is None and not low:
             del contribs  # the second pass needs only the factors
             with exact_products():  # its weight-gradient products are the clipped sum: full float32, as the norms
                 (losses * factors.detach().to(losses.dtype)).sum().backward()
@@ -425,9 +452,8 @@ class GhostClipEngine:
             if not cs:
                 continue
             # Summed in place into p.grad when it is float32 or float64 (and the contributions'
-            # dtype); else the first summand starts a sum of that dtype (no zeros to add it to: a bf16
-            # product is cast once, as the non-private backward casts its weight gradient), and a bf16
-            # gradient gets that float32 sum, cast once.
+            # dtype); else the first summand starts a sum of that dtype (float32 for bf16 factors), and a
+            # bf16 gradient (allow_rounded_sum) gets that float32 sum, cast once.
             acc, acc_dtype = p.grad, torch.promote_types(cs[0].dtype, torch.float32)
             if acc is not None and (acc.dtype != acc_dtype or not acc.is_contiguous()):
                 acc = None
