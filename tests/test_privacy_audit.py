@@ -123,10 +123,14 @@ def _append(path, record):
                                                    "events": [{**read_json(d / "run/privacy.json")["events"][0],
                                                                "sample_rate": 8 / 33}]}),
      "dataset_size = 33 but"),
+    (lambda d: write_json(d / "run/privacy.json", {**read_json(d / "run/privacy.json"), "noise_check": {
+        **read_json(d / "run/privacy.json")["noise_check"], "holds": False}}), "is not σ·C·√d/B"),
     (lambda d: write_json(d / "run/train_metrics.json", {**read_json(d / "run/train_metrics.json"),
-                                                         "noise_norm_mean": 0.5 * read_json(
-                                                             d / "run/train_metrics.json")["noise_norm_mean"]}),
-     "is not σ·C·√d/B"),
+                                                         "trainable_parameters": 4 * read_json(
+                                                             d / "run/train_metrics.json")["trainable_parameters"]}),
+     "from the run's released settings"),
+    (lambda d: write_json(d / "run/privacy.json", {k: v for k, v in read_json(d / "run/privacy.json").items()
+                                                   if k != "noise_check"}), "records no check of the noise"),
 ])
 def test_audit_checks_each_run_against_its_inputs_and_log(dp_run, tmp_path, tamper, problem):
     """Tampered run folders fail, naming what: the record alone (audit_report) would pass them."""

@@ -82,8 +82,8 @@ def evaluate(run_dir: Path, eval_file: Path, out_file: Path, kind: str, task: st
         "train_batch_size": privacy.get("expected_batch_size"),
         "dataset_size": privacy.get("dataset_size"),
         "trainable_parameters": train["trainable_parameters"],
-        # the noise norm of each averaged update (no data in it); data statistics stay out (privtune.dp.guarantee)
-        "noise_norm": train.get("noise_norm_mean"),
+        # the noise norm of each averaged update as σ implies it; data statistics stay out (privtune.dp.guarantee)
+        "noise_norm": train.get("noise_norm_expected"),
         "guarantee_holds": bool(privacy.get("guarantee_holds", True)),
         "train_seconds": train["seconds"],
         "eval_seconds": time.perf_counter() - t0,

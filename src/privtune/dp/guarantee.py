@@ -4,8 +4,9 @@ A run's ε is computed for one mechanism: each step, a Poisson-subsampled batch 
 with probability q, independently), every example's gradient clipped to norm C, the sum plus
 Gaussian noise N(0, σ²C²), composed over the steps with any earlier release the run names (a DP
 Fisher). It covers everything computed from the privatized gradients: the released model, the
-noise draws, the steps taken. It does not cover anything computed from the training data outside
-that mechanism (a loss, a batch's size, a gradient norm before noise: see ``diagnostics``).
+steps taken. It does not cover anything computed from the training data outside that mechanism (a
+loss, a batch's size, a gradient norm before noise: see ``diagnostics``), nor a statistic of the noise
+drawn (its norm: the run releases only its check against σ, ``privtune.dp.audit.noise_check``).
 
 Three settings leave the mechanism the ε was computed for. Under DP each is refused unless
 ``train.allow_unaccounted: true`` is set, and then the run's ``guarantee_holds`` is false (in
@@ -26,9 +27,9 @@ def sampling_scheme(given: str | None, private: bool) -> str:
     return given or ("poisson" if private else "shuffle")
 
 
-COVERS = ("ε covers the released model and everything computed from the privatized gradients (the "
-          "noise, the steps); not the training data's statistics (losses, batch sizes, gradient norms "
-          "before noise), which a DP run writes only with train.diagnostics, to diagnostics_nonprivate.json")
+COVERS = ("ε covers the released model and everything computed from the privatized gradients (the steps); "
+          "not the training data's statistics (losses, batch sizes, gradient norms before noise) nor the noise "
+          "drawn (its norm), which a DP run writes only with train.diagnostics, to diagnostics_nonprivate.json")
 
 ALTERNATIVES = {
     "sampling": ("train.sampling: shuffle (fixed-size shuffled batches) is accounted as if Poisson subsampling, "

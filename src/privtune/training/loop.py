@@ -114,7 +114,7 @@ class RunState:
     step: int = 0  # the next step to run
     log: list = field(default_factory=list)  # train_log.json: per step, only what ε covers or needs no data
     diagnostics: list = field(default_factory=list)  # a DP run's per-step losses (train.diagnostics only)
-    noise_norms: list = field(default_factory=list)  # the norm of each step's noise (σ·C·√d/B: no data in it)
+    noise_norms: list = field(default_factory=list)  # the norm of each step's noise: checked, never released
     grad_norms: list = field(default_factory=list)  # the clipped sum's norm before noise (diagnostics only)
     skipped: list = field(default_factory=list)  # steps whose update was skipped (train.on_nonfinite: skip)
     verified: bool = False  # engine.verify() has run (train.verify_engine)

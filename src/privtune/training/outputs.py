@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from privtune.dp.audit import noise_check
 from privtune.dp.plan import privacy_record, versions
 from privtune.io import atomic_dir, write_json
 from privtune.models import methods
@@ -27,14 +28,20 @@ def write_outputs(job, state, out_dir: Path, mask_file, train_file, elapsed: flo
         job.obj.save(job.model, tmp)
         job.tok.save_pretrained(tmp)
     report = privacy_record(plan, s, mask_file, state.skipped, job.mask_info, train_file)
-    noise = float(np.mean(state.noise_norms)) if plan.private else 0.0
+    params = int(sum(p.numel() for p in job.params))
+    noise = float(np.mean(state.noise_norms)) if plan.private else 0.0  # drawn: released only as a check
+    if plan.private:
+        report["noise_check"] = noise_check(plan.noise_multiplier, s.clip_norm, params, plan.batch_size,
+                                            plan.steps, noise)
     train_metrics = {
         "steps": plan.steps, "seconds": elapsed, "seconds_per_step": elapsed / plan.steps,
-        "trainable_parameters": int(sum(p.numel() for p in job.params)), "total_parameters": total,
+        "trainable_parameters": params, "total_parameters": total,
         "method": s.method, "objective_family": job.obj.family, "device": str(job.device), "world_size": job.world,
         "settings": asdict(s), "skipped_steps": state.skipped, "segments": state.segments,
-        # the norm of the noise of each averaged update, mean over steps (σ·C·√d/B: no data in it)
-        "noise_norm_mean": noise, "guarantee_holds": not plan.unaccounted,
+        # the norm of each averaged update's noise as σ implies it, σ·C·√d/B: the settings' number, not the
+        # drawn one (privtune.dp.audit.noise_check; the drawn mean is among the diagnostics)
+        "noise_norm_expected": report["noise_check"]["expected_norm"] if plan.private else 0.0,
+        "guarantee_holds": not plan.unaccounted,
         "peak_memory_bytes": (torch.cuda.max_memory_allocated() if job.device.type == "cuda" else None),
         # the last batch's mean loss: a statistic of the training data, so absent under DP
         **({} if plan.private else {"final_loss": state.log[-1]["loss"]}),
@@ -46,7 +53,7 @@ def write_outputs(job, state, out_dir: Path, mask_file, train_file, elapsed: flo
         write_json(out_dir / DIAGNOSTICS, {
             "warning": "statistics of the training data that the run's ε does NOT cover: do not release",
             "steps": state.diagnostics, "final_loss": state.diagnostics[-1]["loss"],
-            "gradient_norm_mean": grads, "noise_norm_mean": noise,
+            "gradient_norm_mean": grads, "noise_norm_mean": noise,  # the noise drawn: ε does not cover it either
             # ‖noise‖ / ‖clipped gradient‖ of the averaged update, mean over steps: grows with the dimension
             "noise_to_signal": noise / max(1e-12, grads)})
     write_json(out_dir / "privacy.json", report)  # last: its presence means the run finished
