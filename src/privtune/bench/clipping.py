@@ -218,15 +218,15 @@ def profile_line(r: dict) -> str | None:
     frac = (r.get("profile") or {}).get("fraction_of_nonprivate_step")
     if not frac:
         return None
-    parts = []
-    for name, f in sorted(frac.items(), key=lambda kv: -kv[1]):
-        part = f"{name} {100 * f:+.1f}"
-        share = ((r["profile"].get("norm_strategies") or {}).get("matmul_gflop") or {}).get("norms_share")
-        if name == "norms" and share is not None:
-            part += f" ({100 * share:.1f} % of its matrix-product FLOPs)"
-        parts.append(part)
-    return (f"  {r['shape']:12s} {r.get('precision', 'fp32'):5s} {r['method']:20s} extra time, % of the "
-            f"non-private step: " + ", ".join(parts))
+    share = ((r["profile"].get("norm_strategies") or {}).get("matmul_gflop") or {}).get("norms_share")
+    flops = {} if share is None else {"norms": f" ({100 * share:.1f} % of its matrix-product FLOPs)"}
+    parts = [f"{name} {100 * f:+.1f}{flops.get(name, '')}" for name, f in sorted(frac.items(), key=lambda kv: -kv[1])]
+    return f"{_label(r)} extra time, % of the non-private step: " + ", ".join(parts)
+
+
+def _label(r: dict) -> str:
+    """A record's shape, precision and method, in columns: how each line of the summary starts."""
+    return f"  {r['shape']:12s} {r.get('precision', 'fp32'):5s} {r['method']:20s}"
 
 
 def _add_interleaved(records: list[dict], got: dict, strategies) -> None:
@@ -379,11 +379,10 @@ def main(argv=None) -> None:
                       if v["time_range"] else "")
             inter = (f"  (alternated in one process: {r['time_ratio_interleaved']:.2f}x, median of {len(rounds)}"
                      f"{spread})") if "time_ratio_interleaved" in r else ""
-            print(f"  {r['shape']:12s} {r.get('precision', 'fp32'):5s} {r['method']:20s} time {r['time_ratio']:.2f}x"
+            print(f"{_label(r)} time {r['time_ratio']:.2f}x"
                   f"  memory {mem}{inter}")
         elif r["status"] != "ok":
-            print(f"  {r['shape']:12s} {r.get('precision', 'fp32'):5s} {r['method']:20s} {r['status']}: "
-                  f"{r.get('error', '')[:120]}")
+            print(f"{_label(r)} {r['status']}: {r.get('error', '')[:120]}")
     for r in records:
         if line := profile_line(r):
             print(line)

@@ -166,13 +166,20 @@ def _check_mechanisms(report: dict, settings: dict) -> list[str]:
     return problems
 
 
+def expected_noise_norm(noise_multiplier: float, clip_norm: float, parameters: int, expected_batch_size: float
+                        ) -> float:
+    """σ·C·√d/B: the norm of N(0, σ²C²I_d)/B, each averaged update's noise, up to a relative spread of
+    about 1/√(2d)."""
+    return noise_multiplier * clip_norm * math.sqrt(parameters) / expected_batch_size
+
+
 def noise_check(noise_multiplier: float, clip_norm: float, parameters: int, expected_batch_size: float,
                 steps: int, drawn: float) -> dict:
     """The noise a run drew (``drawn``: the norm of each averaged update's noise, mean over steps) against what
     σ implies: N(0, σ²C²I_d)/B has norm σ·C·√d/B up to a relative spread of about 1/√(2d) per step. The run
     records this in ``privacy.json`` and never the drawn norm itself (a statistic of the secret noise that ε
     does not cover: with it, one released noisy sum would tell neighbouring batches apart)."""
-    expected = noise_multiplier * clip_norm * math.sqrt(parameters) / expected_batch_size
+    expected = expected_noise_norm(noise_multiplier, clip_norm, parameters, expected_batch_size)
     tol = max(NOISE_TOLERANCE, 5 / math.sqrt(2 * parameters * max(1, steps)))
     return {"expected_norm": expected, "relative_tolerance": tol,
             "holds": bool(math.isclose(drawn, expected, rel_tol=tol))}
@@ -191,7 +198,7 @@ def _check_noise(report: dict, metrics_file: Path) -> list[str]:
     d, c = m.get("trainable_parameters"), (m.get("settings") or {}).get("clip_norm")
     if not d or c is None:
         return [f"{metrics_file} records no parameter count or clipping norm: the noise check cannot be re-derived"]
-    expected = report["noise_multiplier"] * c * math.sqrt(d) / report["expected_batch_size"]
+    expected = expected_noise_norm(report["noise_multiplier"], c, d, report["expected_batch_size"])
     if not math.isclose(check.get("expected_norm", -1.0), expected, rel_tol=RTOL):
         return [f"the noise check's expected norm {check.get('expected_norm')} is not σ·C·√d/B = {expected:.6g} "
                 "from the run's released settings"]

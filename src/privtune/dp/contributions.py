@@ -334,6 +334,15 @@ WIDE_BYTES = 1 << 26
 SLICE_BYTES = 1 << 22
 
 
+def _widening_step(length: int, other: int, acc: torch.dtype, device: torch.device) -> int:
+    """How much of a factor's ``length`` dimension to widen to ``acc`` at a time, the factor holding ``length`` ×
+    ``other`` values: all of it, or on a CPU, where the whole copy would exceed WIDE_BYTES, slices of about
+    SLICE_BYTES (at least 256 along ``length``)."""
+    if device.type == "cpu" and length * other * acc.itemsize > WIDE_BYTES:
+        return max(256, SLICE_BYTES // (other * acc.itemsize))
+    return max(length, 1)
+
+
 def _widened_sum(u: Tensor, v: Tensor, out: Tensor | None) -> Tensor:
     """``out + u @ v`` in float32 from low-precision factors (u: (rows, N), v: (N, cols)), each widened exactly
     and multiplied as a bf16 product with float32 accumulation (:func:`_bf16_products`): the physical batch's
@@ -342,9 +351,7 @@ def _widened_sum(u: Tensor, v: Tensor, out: Tensor | None) -> Tensor:
     neighbouring batch could then move the released sum by more than C. A factor whose float32 copy would
     exceed WIDE_BYTES (GPT-2's tied head) is widened a slice of its rows at a time, as for a Gram."""
     acc, rows = _acc_dtype(v.dtype), u.shape[0]
-    step = rows
-    if u.device.type == "cpu" and u.numel() * acc.itemsize > WIDE_BYTES:
-        step = max(256, SLICE_BYTES // (u.shape[1] * acc.itemsize))
+    step = _widening_step(rows, u.shape[1], acc, u.device)
     with _bf16_products(u, v):
         wide_v = v.to(acc)
         if out is None and step >= rows:  # the first summand of a parameter: no zeros to add it to
@@ -360,9 +367,8 @@ def _gram(t: Tensor) -> Tensor:
     """``t tᵀ`` per example, (B, T, T), in at least float32."""
     acc, width = _acc_dtype(t.dtype), t.shape[-1]
     rows = t.shape[0] * t.shape[1]
-    step = max(width, 1)  # one slice: the whole factor
-    if acc != t.dtype and t.device.type == "cpu" and rows * width * acc.itemsize > WIDE_BYTES:
-        step = max(256, SLICE_BYTES // (rows * acc.itemsize))
+    # one slice, the whole factor, when there is nothing to widen
+    step = _widening_step(width, rows, acc, t.device) if acc != t.dtype else max(width, 1)
     out = None
     with _bf16_products(t):
         for a in range(0, max(width, 1), step):
